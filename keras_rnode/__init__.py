@@ -1,0 +1,6 @@
+"""keras-rnode: continuous normalizing flows trained the RNODE way, in Keras 3."""
+
+from keras_rnode.solvers.odeint import odeint
+from keras_rnode.solvers.solution import Solution, Status
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""TensorFlow implementations of the backend hooks."""
+
+import tensorflow as tf
+
+
+def differentiable_solve(forward, backward, y0):
+    """Run forward(y0) -> (y1, stats, residuals) with a gradient of our own.
+
+    backward(residuals, y1, grads_y1, variables) -> (grads_y0, grads_vars)
+    is called when a tape asks for gradients; `variables` are the
+    trainable variables the dynamics read during the forward solve. No
+    gradient is ever taken through the solver's loops, so TensorFlow
+    keeps no per-iteration stacks (the cause of XLA's slowness with
+    `maximum_iterations`).
+    """
+    n = len(y0)
+
+    @tf.custom_gradient
+    def run(*y0_):
+        y1, stats, residuals = forward(list(y0_))
+
+        def grad(*dys, variables=None):
+            dys = [
+                tf.zeros_like(y) if d is None else d for y, d in zip(y1, dys[:n])
+            ]
+            grads_y0, grads_vars = backward(residuals, y1, dys, list(variables or []))
+            if variables is None:
+                return grads_y0
+            return grads_y0, grads_vars
+
+        return (*y1, *stats), grad
+
+    out = run(*y0)
+    return list(out[:n]), list(out[n:])
+
+
+def vjp(fn, primals, cotangents, variables):
+    """fn(primals) -> outputs (a list); returns (outputs, grads_primals, grads_vars)."""
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+        tape.watch(primals)
+        tape.watch(variables)
+        outputs = fn(primals)
+    grads = tape.gradient(
+        outputs,
+        list(primals) + list(variables),
+        output_gradients=cotangents,
+        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    )
+    return outputs, grads[: len(primals)], grads[len(primals):]
+
+
+def recorder_new(size, like):
+    """Storage for one tensor per accepted step, for each tensor in `like`."""
+    return [
+        tf.TensorArray(v.dtype, size=size, element_shape=v.shape, clear_after_read=False)
+        for v in like
+    ]
+
+
+def recorder_write(recorder, index, values, pred):
+    """Write `values` at `index` when `pred` holds (a scalar boolean tensor)."""
+    return tf.cond(
+        pred,
+        lambda: [ta.write(index, v) for ta, v in zip(recorder, values)],
+        lambda: list(recorder),
+    )
+
+
+def recorder_read(recorder, index):
+    return [ta.read(index) for ta in recorder]

@@ -1,0 +1,1 @@
+"""Keras layers: dynamics networks, the CNF block and data transforms."""

@@ -1,0 +1,375 @@
+"""Time-conditioned dynamics networks f(t, z) for continuous normalizing flows.
+
+Each network is a Keras layer called as ``net(t, z)``: ``t`` is the scalar ODE
+time and ``z`` a batch of states; the result has ``z``'s shape. The layers
+follow FFJORD's time-conditioned blocks (Grathwohl et al., 2019):
+
+- ``ConcatSquashMLP``: dense layers ``(W x + b) * sigmoid(w_g t + b_g) + w_h t``.
+- ``ConcatConvNet``: 2-D convolutions that see ``t`` as an extra constant
+  input channel.
+- ``ConcatSquashConvNet``: 2-D convolutions gated and shifted by ``t`` like
+  the dense blocks.
+
+By default the last block's parameters start at zero, so ``f == 0`` exactly
+and a fresh CNF is the identity map.
+"""
+
+import keras
+from keras import ops
+
+PACKAGE = "keras_rnode"
+
+# FFJORD's gate and hyper-bias are Linear(1, units) maps, whose default
+# PyTorch init is U(-1, 1): enough time dependence to matter from step one.
+_TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval": 1.0}}
+
+
+def validate_dynamics_output(name, z, dz):
+    """Raise ValueError when `dz`'s static shape is not `z`'s; return `dz`.
+
+    Unknown (None) dimensions are taken to agree; a rank mismatch never does.
+    """
+    z_shape, dz_shape = _static_shape(z), _static_shape(dz)
+    agree = len(z_shape) == len(dz_shape) and all(
+        a is None or b is None or a == b for a, b in zip(z_shape, dz_shape)
+    )
+    if not agree:
+        raise ValueError(
+            f"{name}: dynamics returned shape {dz_shape} for input of shape "
+            f"{z_shape}; a dynamics function must return its input's shape"
+        )
+    return dz
+
+
+def _static_shape(x):
+    return tuple(None if d is None else int(d) for d in x.shape)
+
+
+def _positive_ints(layer, arg, values):
+    if isinstance(values, (int, str)) or not hasattr(values, "__iter__"):
+        raise ValueError(
+            f"{layer}: `{arg}` must be a sequence of positive ints, got {values!r}"
+        )
+    values = tuple(values)
+    for v in values:
+        # bool is an int subclass; True as a width is surely a mistake.
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(
+                f"{layer}: `{arg}` must be a sequence of positive ints, "
+                f"got {values!r}"
+            )
+    return values
+
+
+def _activation(layer, identifier):
+    """Resolve `identifier`, returning (function, config value)."""
+    try:
+        fn = keras.activations.get(identifier)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{layer}: unknown activation {identifier!r}") from e
+    if isinstance(identifier, str):
+        return fn, identifier
+    return fn, keras.activations.serialize(fn)
+
+
+def _scalar_time(layer, t, dtype):
+    t = ops.convert_to_tensor(t, dtype=dtype)
+    shape = _static_shape(t)
+    if None not in shape and int(_prod(shape)) != 1:
+        raise ValueError(
+            f"{layer}: t must be a scalar (the ODE time), got shape {shape}"
+        )
+    return ops.reshape(t, ())
+
+
+def _prod(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------- blocks --
+# Blocks are private: the networks rebuild them from their own config, so
+# only the networks are serialized. Blocks take (x, t) so that Keras reads
+# the build shape from x.
+
+
+class _ConcatSquashDense(keras.layers.Layer):
+    """(W x + b) * sigmoid(w_g t + b_g) + w_h t, with t a scalar."""
+
+    def __init__(self, units, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.zero_init = zero_init
+
+    def build(self, input_shape):
+        main = "zeros" if self.zero_init else "glorot_uniform"
+        time = "zeros" if self.zero_init else _TIME_INIT
+        n, d = self.units, input_shape[-1]
+        self.kernel = self.add_weight(shape=(d, n), initializer=main, name="kernel")
+        self.bias = self.add_weight(shape=(n,), initializer="zeros", name="bias")
+        self.gate_kernel = self.add_weight(shape=(n,), initializer=time, name="gate_kernel")
+        self.gate_bias = self.add_weight(shape=(n,), initializer=time, name="gate_bias")
+        self.hyper_bias = self.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+
+    def call(self, x, t):
+        # (units,) vectors from the scalar t, broadcast against (batch, units).
+        gate = ops.sigmoid(self.gate_kernel * t + self.gate_bias)
+        return (ops.matmul(x, self.kernel) + self.bias) * gate + self.hyper_bias * t
+
+
+class _ConcatConv(keras.layers.Layer):
+    """Conv over [x, t * ones] (FFJORD's ConcatConv2d), channels-last."""
+
+    def __init__(self, filters, kernel_size, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.zero_init = zero_init
+
+    def build(self, input_shape):
+        k, c = self.kernel_size, input_shape[-1]
+        self.channels_in = c
+        # One kernel over c + 1 inputs, the last being the time channel.
+        self.kernel = self.add_weight(
+            shape=(k, k, c + 1, self.filters),
+            initializer="zeros" if self.zero_init else "glorot_uniform",
+            name="kernel",
+        )
+        self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
+
+    def call(self, x, t):
+        c = self.channels_in
+        out = ops.conv(x, self.kernel[:, :, :c, :], padding="same")
+        # Convolution is linear, so the constant t channel contributes
+        # t * conv(ones): one (1, H, W, filters) map shared by the batch
+        # instead of a (batch, H, W, 1) channel concatenated onto x. With
+        # "same" zero padding it is not constant near the border, exactly
+        # as in the concatenated form.
+        ones = ops.ones((1, ops.shape(x)[1], ops.shape(x)[2], 1), dtype=x.dtype)
+        time_map = ops.conv(ones, self.kernel[:, :, c:, :], padding="same")
+        return out + t * time_map + self.bias
+
+
+class _ConcatSquashConv(keras.layers.Layer):
+    """conv(x) * sigmoid(w_g t + b_g) + w_h t (FFJORD's ConcatSquashConv2d)."""
+
+    def __init__(self, filters, kernel_size, zero_init=False, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.zero_init = zero_init
+
+    def build(self, input_shape):
+        k, n = self.kernel_size, self.filters
+        main = "zeros" if self.zero_init else "glorot_uniform"
+        time = "zeros" if self.zero_init else _TIME_INIT
+        self.kernel = self.add_weight(
+            shape=(k, k, input_shape[-1], n), initializer=main, name="kernel"
+        )
+        self.bias = self.add_weight(shape=(n,), initializer="zeros", name="bias")
+        self.gate_kernel = self.add_weight(shape=(n,), initializer=time, name="gate_kernel")
+        self.gate_bias = self.add_weight(shape=(n,), initializer=time, name="gate_bias")
+        self.hyper_bias = self.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+
+    def call(self, x, t):
+        gate = ops.sigmoid(self.gate_kernel * t + self.gate_bias)
+        out = ops.conv(x, self.kernel, padding="same") + self.bias
+        return out * gate + self.hyper_bias * t
+
+
+# -------------------------------------------------------------- networks --
+
+
+class _DynamicsNet(keras.layers.Layer):
+    """Shared plumbing: a stack of (x, t) blocks with activations between.
+
+    Subclasses set `_rank` and implement `_make_blocks(z_shape)`.
+    """
+
+    _rank = None
+
+    def __init__(self, activation="softplus", zero_init_last=True, **kwargs):
+        super().__init__(**kwargs)
+        self._activation_fn, self.activation = _activation(
+            type(self).__name__, activation
+        )
+        self.zero_init_last = bool(zero_init_last)
+        self._z_shape = None
+
+    def _check_rank(self, shape):
+        shape = tuple(shape)
+        if len(shape) != self._rank:
+            what = "(batch, dim)" if self._rank == 2 else "(batch, height, width, channels)"
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': expected z of rank "
+                f"{self._rank} {what}, got shape {shape}"
+            )
+        return shape
+
+    def __call__(self, t, z, **kwargs):
+        # Keras accepts only tensors as positional arguments; let solvers
+        # and users pass the time as a plain number.
+        if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
+            t = ops.convert_to_tensor(t, dtype=self.compute_dtype)
+        return super().__call__(t, z, **kwargs)
+
+    def build(self, t_shape=None, z_shape=None):
+        z_shape = self._check_rank(z_shape)
+        if z_shape[-1] is None:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': the last dimension of z "
+                f"must be known, got shape {z_shape}"
+            )
+        self._z_shape = z_shape
+        self.blocks = self._make_blocks(z_shape)
+        shape = z_shape
+        for block in self.blocks:
+            block.build(shape)
+            shape = shape[:-1] + (_block_width(block),)
+
+    def call(self, t, z):
+        shape = self._check_rank(_static_shape(z))
+        if shape[-1] != self._z_shape[-1]:
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': built for last "
+                f"dimension {self._z_shape[-1]}, got z of shape {shape}"
+            )
+        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
+        h = z
+        for i, block in enumerate(self.blocks):
+            h = block(h, t)
+            if i < len(self.blocks) - 1:
+                h = self._activation_fn(h)
+        return h
+
+    def compute_output_shape(self, t_shape=None, z_shape=None):
+        return z_shape
+
+    # The default build config maps a lone shape to the first call
+    # argument (t); record z's shape by name instead. Weights depend only on
+    # the last dimension, so the batch size is not pinned.
+    def get_build_config(self):
+        if self._z_shape is None:
+            return None
+        return {"z_shape": [None] + list(self._z_shape[1:])}
+
+    def build_from_config(self, config):
+        if config and "z_shape" in config:
+            self.build(z_shape=tuple(config["z_shape"]))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(activation=self.activation, zero_init_last=self.zero_init_last)
+        return config
+
+
+def _block_width(block):
+    return block.units if hasattr(block, "units") else block.filters
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConcatSquashMLP(_DynamicsNet):
+    """FFJORD's ConcatSquash MLP on flat states z of shape (batch, dim).
+
+    Args:
+        hidden: widths of the hidden layers; the last layer maps back to dim.
+        activation: Keras activation between layers (none after the last).
+        zero_init_last: zero the last layer's parameters so f == 0 at init.
+    """
+
+    _rank = 2
+
+    def __init__(self, hidden=(64, 64, 64), activation="softplus", zero_init_last=True, **kwargs):
+        super().__init__(activation=activation, zero_init_last=zero_init_last, **kwargs)
+        self.hidden = _positive_ints(type(self).__name__, "hidden", hidden)
+
+    def _make_blocks(self, z_shape):
+        widths = self.hidden + (z_shape[-1],)
+        last = len(widths) - 1
+        return [
+            _ConcatSquashDense(
+                n,
+                zero_init=self.zero_init_last and i == last,
+                dtype=self.dtype_policy,
+                name=f"concat_squash_{i}",
+            )
+            for i, n in enumerate(widths)
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config["hidden"] = list(self.hidden)
+        return config
+
+
+class _ConvNet(_DynamicsNet):
+    """Channels-last conv nets: 'same' padding, stride 1, output channels = C."""
+
+    _rank = 4
+    _block = None
+
+    def __init__(
+        self,
+        channels=(64, 64, 64),
+        activation="softplus",
+        kernel_size=3,
+        zero_init_last=True,
+        **kwargs,
+    ):
+        super().__init__(activation=activation, zero_init_last=zero_init_last, **kwargs)
+        name = type(self).__name__
+        self.channels = _positive_ints(name, "channels", channels)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size <= 0:
+            raise ValueError(f"{name}: `kernel_size` must be a positive int, got {kernel_size!r}")
+        self.kernel_size = kernel_size
+
+    def _make_blocks(self, z_shape):
+        widths = self.channels + (z_shape[-1],)
+        last = len(widths) - 1
+        return [
+            self._block(
+                n,
+                self.kernel_size,
+                zero_init=self.zero_init_last and i == last,
+                dtype=self.dtype_policy,
+                name=f"{self._block_name}_{i}",
+            )
+            for i, n in enumerate(widths)
+        ]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=list(self.channels), kernel_size=self.kernel_size)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConcatConvNet(_ConvNet):
+    """Conv net whose every convolution sees t as an extra input channel.
+
+    Args:
+        channels: output channels of the hidden convolutions.
+        activation: Keras activation between convolutions.
+        kernel_size: square kernel size (FFJORD uses 3).
+        zero_init_last: zero the last convolution so f == 0 at init.
+    """
+
+    _block = _ConcatConv
+    _block_name = "concat_conv"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConcatSquashConvNet(_ConvNet):
+    """Conv net of gated convolutions: conv(x) * sigmoid(gate(t)) + hyperbias(t).
+
+    Args:
+        channels: output channels of the hidden convolutions.
+        activation: Keras activation between convolutions.
+        kernel_size: square kernel size (FFJORD uses 3).
+        zero_init_last: zero the last convolution, gate and hyper-bias.
+    """
+
+    _block = _ConcatSquashConv
+    _block_name = "concat_squash_conv"

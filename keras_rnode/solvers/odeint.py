@@ -1,0 +1,131 @@
+"""`odeint`: the public entry point of the solver."""
+
+from keras import ops
+from keras import tree
+
+from keras_rnode import backend
+from keras_rnode.solvers.adjoint import adjoint_backward
+from keras_rnode.solvers.direct import direct_backward
+from keras_rnode.solvers.integrate import integrate
+from keras_rnode.solvers.solution import Solution
+from keras_rnode.solvers.tableaus import TABLEAUS
+
+GRADIENTS = ("adjoint", "direct", "none")
+STAT_NAMES = ("nfe", "accepted", "rejected", "status")
+
+
+def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
+           max_steps=1000, gradient="adjoint", step_size=None, first_step=None,
+           error_control=None, on_backward=None):
+    """Integrate dy/dt = func(t, y) from t0 to t1 (t1 < t0 runs backwards).
+
+    Args:
+        func: callable (t, y) -> dy/dt with the structure and shapes of y.
+        y0: a floating tensor or a tuple/list of them (any shapes).
+        method: "dopri5" (adaptive), "rk4" or "euler" (fixed step).
+        rtol, atol: tolerances of the adaptive method.
+        max_steps: bound on attempted steps; reaching it ends the solve with
+            status "max_steps_reached".
+        gradient: "adjoint" (memory flat in the number of steps), "direct"
+            (backpropagation through the accepted steps) or "none".
+        step_size: the step of a fixed-step method (required for them).
+        first_step: the first step of dopri5 (default: Hairer's heuristic).
+        error_control: booleans in the structure of y0; False leaves that
+            state out of step-size control (default: all controlled).
+        on_backward: called with the backward solve's stats dict (adjoint
+            only) when gradients are computed.
+
+    Returns:
+        A `Solution` with `y` (structure of y0) and `stats`.
+    """
+    tableau, flat_y0, controlled = _validate(
+        func, y0, method, rtol, atol, max_steps, gradient, step_size, first_step,
+        error_control)
+    structure = y0
+
+    def flat_func(t, y):
+        out = func(t, tree.pack_sequence_as(structure, y))
+        _check_output(structure, y, out)
+        return tree.flatten(out)
+
+    options = dict(rtol=rtol, atol=atol, max_steps=max_steps, step_size=step_size,
+                   controlled=controlled)
+
+    def forward(y0_list):
+        return integrate(flat_func, tableau, y0_list, t0, t1, first_step=first_step,
+                         record=gradient == "direct", **options)
+
+    if gradient == "none":
+        y1, stats, _ = forward([ops.stop_gradient(v) for v in flat_y0])
+    else:
+        def backward(records, y1, grads_y1, variables):
+            if gradient == "direct":
+                return direct_backward(flat_func, tableau, t0, t1, records, grads_y1,
+                                       variables)
+            grads_y0, grads_v, stats = adjoint_backward(
+                flat_func, tableau, y1, t0, t1, grads_y1, variables, options)
+            if on_backward is not None:
+                on_backward(dict(zip(STAT_NAMES, stats)))
+            return grads_y0, grads_v
+
+        y1, stats = backend.differentiable_solve(forward, backward, flat_y0)
+    return Solution(y=tree.pack_sequence_as(structure, y1),
+                    stats=dict(zip(STAT_NAMES, stats)))
+
+
+def _validate(func, y0, method, rtol, atol, max_steps, gradient, step_size,
+              first_step, error_control):
+    if not callable(func):
+        raise ValueError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
+    if method not in TABLEAUS:
+        raise ValueError(f"method must be one of {sorted(TABLEAUS)}, got {method!r}")
+    tableau = TABLEAUS[method]
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+    if tableau.adaptive:
+        if step_size is not None:
+            raise ValueError(f"step_size is for fixed-step methods; {method!r} "
+                             "chooses its own steps (use first_step)")
+        if first_step is not None and not first_step > 0:
+            raise ValueError(f"first_step must be positive, got {first_step!r}")
+    elif step_size is None or not step_size > 0:
+        raise ValueError(f"method {method!r} needs a positive step_size, got {step_size!r}")
+    if not isinstance(y0, (tuple, list)) and isinstance(y0, (dict,)):
+        raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
+    flat = [ops.convert_to_tensor(v) for v in tree.flatten(y0)]
+    if not flat:
+        raise ValueError("y0 must hold at least one tensor")
+    dtypes = {str(ops.dtype(v)) for v in flat}
+    for v in flat:
+        if "float" not in str(ops.dtype(v)):
+            raise ValueError(f"y0 must be floating point, got dtype {ops.dtype(v)}")
+    if len(dtypes) > 1:
+        raise ValueError(f"all states in y0 must share one dtype, got {sorted(dtypes)}")
+    if error_control is None:
+        controlled = [True] * len(flat)
+    else:
+        controlled = [bool(c) for c in tree.flatten(error_control)]
+        if len(controlled) != len(flat):
+            raise ValueError(f"error_control must match y0's structure: {len(flat)} "
+                             f"states, got {len(controlled)} flags")
+        if not any(controlled):
+            raise ValueError("error_control must leave at least one state controlled")
+    return tableau, flat, controlled
+
+
+def _check_output(structure, y, out):
+    try:
+        flat_out = tree.flatten(out)
+        tree.assert_same_structure(structure, out)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"func must return the structure of y0; got {type(out).__name__} "
+                         f"for y0 of {type(structure).__name__}: {err}") from None
+    for i, (a, b) in enumerate(zip(y, flat_out)):
+        if tuple(a.shape) != tuple(ops.shape(b)):
+            raise ValueError(f"func returned shape {tuple(ops.shape(b))} for state {i} "
+                             f"of shape {tuple(a.shape)}; dy/dt must have y's shape")
