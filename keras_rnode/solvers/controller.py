@@ -23,11 +23,12 @@ def error_norm(error, y0, y1, rtol, atol, controlled):
     return _rms([error[i] for i in pick], scales)
 
 
-def step_factor(norm, accepted, order):
+def step_factor(norm, may_grow, order):
     """Factor for the next step size from the error norm of this one.
 
-    A NaN or inf norm shrinks by the smallest factor; after a rejection
-    the step never grows.
+    A NaN or inf norm shrinks by the smallest factor. With `may_grow`
+    False (a rejected step, or an accepted one right after a rejection)
+    the factor is at most 1.
     """
     finite = ops.isfinite(norm)
     safe = ops.where(finite & (norm > 0), norm, ops.ones_like(norm))
@@ -35,7 +36,7 @@ def step_factor(norm, accepted, order):
     factor = ops.where(norm == 0, MAX_FACTOR, factor)
     factor = ops.where(finite, factor, MIN_FACTOR)
     factor = ops.clip(factor, MIN_FACTOR, MAX_FACTOR)
-    return ops.where(accepted, factor, ops.minimum(factor, 1.0))
+    return ops.where(may_grow, factor, ops.minimum(factor, 1.0))
 
 
 def initial_step(func, t0, y0, f0, direction, length, order, rtol, atol, controlled):

@@ -79,10 +79,12 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
     eps = float(np.finfo(np.dtype(dtype)).eps)
     per_step = tableau.stages - 1 if tableau.fsal else tableau.stages
 
-    def cond(s, h, y, k, nfe, accepted, rejected, underflow, recorder):
+    # `after_reject`: the previous attempt was rejected, so this step may
+    # not grow even if accepted (Hairer's rule, as in scipy's RK45).
+    def cond(s, h, y, k, nfe, accepted, rejected, underflow, after_reject, recorder):
         return (s < length) & (accepted + rejected < max_steps) & ~underflow
 
-    def body(s, h, y, k, nfe, accepted, rejected, underflow, recorder):
+    def body(s, h, y, k, nfe, accepted, rejected, underflow, after_reject, recorder):
         last = h >= length - s
         h_use = ops.where(last, length - s, h)
         t = t0 + direction * s
@@ -94,7 +96,7 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
         if record:
             recorder = backend.recorder_write(
                 recorder, accepted, [ops.stack([s, h_use]), *y], ok)
-        h_next = h_use * controller.step_factor(norm, ok, tableau.order)
+        h_next = h_use * controller.step_factor(norm, ok & ~after_reject, tableau.order)
         tiny = 4.0 * eps * ops.maximum(ops.abs(t), length)
         return (
             ops.where(ok, ops.where(last, length, s + h_use), s),
@@ -105,13 +107,15 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
             accepted + ops.cast(ok, "int32"),
             rejected + ops.cast(~ok, "int32"),
             ~ok & (h_next <= tiny),
+            ~ok,
             recorder,
         )
 
     zero_i = ops.zeros((), "int32")
-    s, _, y, _, nfe, accepted, rejected, underflow, recorder = ops.while_loop(
+    s, _, y, _, nfe, accepted, rejected, underflow, _, recorder = ops.while_loop(
         cond, body,
-        (zero, h, list(y0), k1, nfe, zero_i, zero_i, ops.zeros((), "bool"), recorder),
+        (zero, h, list(y0), k1, nfe, zero_i, zero_i, ops.zeros((), "bool"),
+         ops.zeros((), "bool"), recorder),
     )
     status = ops.where(
         s >= length, Status.SUCCESS,

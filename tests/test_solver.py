@@ -1,0 +1,456 @@
+"""The ODE solver against independent references.
+
+Analytic solutions (decay, expm of a linear system, a harmonic oscillator
+held as a tuple state, the logistic equation), scipy's RK45 (error and
+function evaluations at the same tolerances) and a tight DOP853 reference,
+orders of convergence of the fixed-step methods, reverse time, the step
+bound, NaN recovery and underflow, error control, float32, bad input and
+the counting of function evaluations. Gradients: test_solver_gradients.py.
+
+Everything is small: the suite shares two cores.
+"""
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+import tensorflow as tf
+from keras import ops
+
+import keras_rnode as kr
+from keras_rnode.solvers.solution import Status
+
+
+def stats(sol):
+    return {k: int(ops.convert_to_numpy(v)) for k, v in sol.stats.items()}
+
+
+def np_(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def f64(x):
+    return tf.constant(np.asarray(x, dtype="float64"))
+
+
+# --------------------------------------------------------------------------
+# Analytic problems (float64): error close to the tolerance, shrinking with it.
+
+TOLS = (1e-4, 1e-6, 1e-8)
+
+
+def _max_rel_error(approx, exact):
+    return float(np.max(np.abs(approx - exact) / np.maximum(np.abs(exact), 1.0)))
+
+
+def _check_tolerance_proportionality(errors):
+    """errors[i] belongs to TOLS[i]: each within 50x of its tolerance,
+    and each a clear improvement on the one before (a 100x tighter
+    tolerance buys at least 10x)."""
+    for tol, err in zip(TOLS, errors):
+        assert err <= 50 * tol, (tol, err, errors)
+    for a, b in zip(errors, errors[1:]):
+        assert b < a / 10, errors
+
+
+def test_exponential_decay():
+    k = np.array([0.5, 1.0, 2.0, 3.0])
+    y0 = np.array([1.0, -2.0, 0.5, 3.0])
+    exact = y0 * np.exp(-k * 2.0)
+    rate = f64(k)
+    errors = []
+    for tol in TOLS:
+        sol = kr.odeint(lambda t, y: -rate * y, f64(y0), 0.0, 2.0, rtol=tol, atol=tol,
+                        gradient="none")
+        assert sol.y.dtype == tf.float64 and tuple(sol.y.shape) == (4,)
+        assert sol.status == "success"
+        errors.append(_max_rel_error(np_(sol.y), exact))
+    _check_tolerance_proportionality(errors)
+
+
+def test_linear_system_against_expm():
+    rng = np.random.default_rng(0)
+    # A rotation with decay and some coupling: eigenvalues -0.3 +- 2i, -1.
+    a = np.array([[-0.3, 2.0, 0.1], [-2.0, -0.3, 0.4], [0.0, 0.2, -1.0]])
+    y0 = rng.normal(size=(5, 3))  # a batch of 5 states of dimension 3
+    t1 = 1.5
+    exact = y0 @ scipy.linalg.expm(a * t1).T
+    a_t = f64(a.T)
+    errors = []
+    for tol in TOLS:
+        sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), f64(y0), 0.0, t1,
+                        rtol=tol, atol=tol, gradient="none")
+        assert tuple(sol.y.shape) == (5, 3)
+        assert sol.status == "success"
+        errors.append(_max_rel_error(np_(sol.y), exact))
+    _check_tolerance_proportionality(errors)
+
+
+def test_harmonic_oscillator_tuple_state():
+    omega = 2.0
+    x0 = np.array([1.0, 0.0, -0.5])
+    v0 = np.array([0.0, 1.0, 0.3])
+    t1 = 2.0
+    x_exact = x0 * np.cos(omega * t1) + v0 / omega * np.sin(omega * t1)
+    v_exact = -x0 * omega * np.sin(omega * t1) + v0 * np.cos(omega * t1)
+
+    def func(t, state):
+        x, v = state
+        return (v, -omega**2 * x)
+
+    errors = []
+    for tol in TOLS:
+        sol = kr.odeint(func, (f64(x0), f64(v0)), 0.0, t1, rtol=tol, atol=tol,
+                        gradient="none")
+        assert isinstance(sol.y, tuple) and len(sol.y) == 2
+        x, v = sol.y
+        assert tuple(x.shape) == (3,) and tuple(v.shape) == (3,)
+        errors.append(max(_max_rel_error(np_(x), x_exact), _max_rel_error(np_(v), v_exact)))
+    _check_tolerance_proportionality(errors)
+
+
+def test_time_dependent_dynamics_both_directions():
+    # y' = cos(t) y: y(t1) = y(t0) exp(sin t1 - sin t0); t must reach func.
+    def func(t, y):
+        return ops.cos(t) * y
+
+    y0 = f64([1.0, 2.0])
+    for t0, t1 in ((0.0, 2.5), (2.5, -0.5)):
+        sol = kr.odeint(func, y0, t0, t1, rtol=1e-9, atol=1e-9, gradient="none")
+        exact = np_(y0) * np.exp(np.sin(t1) - np.sin(t0))
+        assert _max_rel_error(np_(sol.y), exact) < 5e-8
+
+
+# --------------------------------------------------------------------------
+# Against scipy's RK45 at the same tolerances.
+
+
+def _lotka_volterra(t, y):
+    x, z = y[..., 0:1], y[..., 1:2]
+    return ops.concatenate([1.5 * x - x * z, -3.0 * z + x * z], axis=-1)
+
+
+def _lotka_volterra_np(t, y):
+    x, z = y
+    return [1.5 * x - x * z, -3.0 * z + x * z]
+
+
+def _van_der_pol(mu):
+    def func(t, y):
+        x, v = y[..., 0:1], y[..., 1:2]
+        return ops.concatenate([v, mu * (1.0 - x * x) * v - x], axis=-1)
+
+    def func_np(t, y):
+        x, v = y
+        return [v, mu * (1.0 - x * x) * v - x]
+
+    return func, func_np
+
+
+PROBLEMS = {
+    "lotka_volterra": (_lotka_volterra, _lotka_volterra_np, [1.0, 1.0], 8.0),
+    "van_der_pol_0.5": (*_van_der_pol(0.5), [2.0, 0.0], 8.0),
+    "van_der_pol_1": (*_van_der_pol(1.0), [2.0, 0.0], 8.0),
+}
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_against_scipy_rk45(name, tol):
+    func, func_np, y0, t1 = PROBLEMS[name]
+    reference = scipy.integrate.solve_ivp(
+        func_np, (0.0, t1), y0, method="DOP853", rtol=1e-13, atol=1e-13).y[:, -1]
+    theirs = scipy.integrate.solve_ivp(func_np, (0.0, t1), y0, method="RK45",
+                                       rtol=tol, atol=tol)
+    assert theirs.success
+    sol = kr.odeint(func, f64([y0]), 0.0, t1, rtol=tol, atol=tol, gradient="none")
+    ours = stats(sol)
+    assert sol.status == "success"
+    our_error = np.max(np.abs(np_(sol.y)[0] - reference))
+    their_error = np.max(np.abs(theirs.y[:, -1] - reference))
+    # Comparable accuracy (the same method and controller: within 2x) ...
+    assert our_error <= 2.0 * their_error + 1e-14, (our_error, their_error)
+    assert their_error <= 2.0 * our_error + 1e-14, (our_error, their_error)
+    # ... for a comparable number of evaluations of the dynamics.
+    assert abs(ours["nfe"] - theirs.nfev) <= 0.25 * theirs.nfev, (ours, theirs.nfev)
+    # Tighter: it is the same controller (Hairer's first step, safety 0.9,
+    # factors 0.2..10, no growth right after a rejection), so the step
+    # sequences agree; allow one attempt (6 evaluations) for rounding.
+    assert abs(ours["nfe"] - theirs.nfev) <= 6, (ours, theirs.nfev)
+    assert ours["nfe"] == 6 * (ours["accepted"] + ours["rejected"]) + 2
+
+
+# --------------------------------------------------------------------------
+# Fixed-step methods: order of convergence on a nonlinear problem.
+
+
+def _logistic_exact(y0, t):
+    return 1.0 / (1.0 + (1.0 / y0 - 1.0) * np.exp(-t))
+
+
+@pytest.mark.parametrize("method, order, steps", [
+    ("rk4", 4, (0.4, 0.2, 0.1, 0.05)),
+    ("euler", 1, (0.1, 0.05, 0.025, 0.0125)),
+])
+def test_fixed_step_order_of_convergence(method, order, steps):
+    y0 = np.array([0.05, 0.2, 0.9])
+    t1 = 4.0
+    exact = _logistic_exact(y0, t1)
+    errors = []
+    for h in steps:
+        sol = kr.odeint(lambda t, y: y * (1.0 - y), f64(y0), 0.0, t1, method=method,
+                        step_size=h, gradient="none")
+        s = stats(sol)
+        n = int(round(t1 / h))
+        assert s == {"nfe": n * {"rk4": 4, "euler": 1}[method], "accepted": n,
+                     "rejected": 0, "status": Status.SUCCESS}
+        errors.append(np.max(np.abs(np_(sol.y) - exact)))
+    slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.15 * order, (slope, errors)
+
+
+def test_fixed_step_lands_on_t1():
+    # 1 / 0.3 is not whole: 4 uniform steps of 0.25; 1 / 0.1 stays 10 steps.
+    for step, n in ((0.3, 4), (0.1, 10)):
+        sol = kr.odeint(lambda t, y: ops.ones_like(y), f64([0.0]), 0.0, 1.0,
+                        method="euler", step_size=step, gradient="none")
+        assert stats(sol)["accepted"] == n
+        np.testing.assert_allclose(np_(sol.y), [1.0], rtol=0, atol=1e-14)
+
+
+# --------------------------------------------------------------------------
+# Reverse time, empty intervals, the step bound.
+
+
+@pytest.mark.parametrize("method, kwargs", [
+    ("dopri5", dict(rtol=1e-9, atol=1e-9)),
+    ("rk4", dict(step_size=0.02)),
+])
+def test_reverse_time_returns_to_y0(method, kwargs):
+    y0 = f64([[1.0, 1.0], [0.5, 2.0]])
+    forward = kr.odeint(_lotka_volterra, y0, 0.0, 1.0, method=method, gradient="none",
+                        **kwargs)
+    assert not np.allclose(np_(forward.y), np_(y0), atol=0.1)
+    back = kr.odeint(_lotka_volterra, forward.y, 1.0, 0.0, method=method,
+                     gradient="none", **kwargs)
+    assert forward.status == back.status == "success"
+    np.testing.assert_allclose(np_(back.y), np_(y0), rtol=1e-7, atol=1e-7)
+
+
+def test_reverse_time_matches_exact():
+    sol = kr.odeint(lambda t, y: -y, f64([2.0]), 1.0, -1.0, rtol=1e-9, atol=1e-9,
+                    gradient="none")
+    np.testing.assert_allclose(np_(sol.y), [2.0 * np.exp(2.0)], rtol=5e-8)
+
+
+@pytest.mark.parametrize("method, kwargs", [("dopri5", {}), ("rk4", dict(step_size=0.1))])
+def test_zero_length_interval(method, kwargs):
+    calls = []
+
+    def func(t, y):
+        calls.append(1)
+        return -y
+
+    y0 = f64([1.0, -3.0])
+    sol = kr.odeint(func, y0, 0.7, 0.7, method=method, **kwargs)
+    np.testing.assert_array_equal(np_(sol.y), np_(y0))
+    assert stats(sol) == {"nfe": 0, "accepted": 0, "rejected": 0, "status": Status.SUCCESS}
+    assert calls == []  # eager: nothing is evaluated at all
+    assert sol.status == "success"
+
+
+def test_max_steps_reached_eager_and_graph():
+    def func(t, y):
+        return ops.cos(5.0 * t) * y
+
+    y0 = f64([1.0])
+    sol = kr.odeint(func, y0, 0.0, 10.0, rtol=1e-8, atol=1e-8, max_steps=3)
+    s = stats(sol)
+    assert sol.status == "max_steps_reached"
+    assert s["status"] == Status.MAX_STEPS_REACHED
+    assert s["accepted"] + s["rejected"] == 3
+    assert s["nfe"] == 6 * 3 + 2
+    assert not sol.succeeded
+
+    graph = tf.function(lambda y: kr.odeint(func, y, 0.0, 10.0, rtol=1e-8, atol=1e-8,
+                                            max_steps=3).stats)
+    g = {k: int(v) for k, v in graph(y0).items()}
+    assert g == s
+
+    fixed = kr.odeint(func, y0, 0.0, 10.0, method="rk4", step_size=0.1, max_steps=3)
+    assert stats(fixed) == {"nfe": 12, "accepted": 3, "rejected": 0,
+                            "status": Status.MAX_STEPS_REACHED}
+    # The state where it stopped: t = 0.3.
+    np.testing.assert_allclose(np_(fixed.y), [np.exp(np.sin(1.5) / 5.0)], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# NaN handling.
+
+
+def test_nan_from_too_large_step_is_rejected_and_recovers():
+    # y' = -sqrt(y), y(0) = 1: y = (1 - t/2)^2, y(1.5) = 0.0625. A first
+    # step of 1.9 (clipped to the interval, 1.5) drives stages below zero,
+    # where sqrt is NaN. (Up to t1 = 1 the stages of a whole-interval first
+    # step all stay positive: no NaN there, hence 1.5.)
+    saw_nan = []
+
+    def func(t, y):
+        out = -ops.sqrt(y)
+        saw_nan.append(bool(np.any(np.isnan(np_(out)))))
+        return out
+
+    sol = kr.odeint(func, f64([1.0]), 0.0, 1.5, rtol=1e-8, atol=1e-8, first_step=1.9,
+                    gradient="none")
+    s = stats(sol)
+    assert any(saw_nan)
+    assert s["rejected"] >= 1
+    assert sol.status == "success"
+    np.testing.assert_allclose(np_(sol.y), [0.0625], rtol=1e-7)
+    assert s["nfe"] == 6 * (s["accepted"] + s["rejected"]) + 1  # given first step
+    assert s["nfe"] == len(saw_nan)
+
+
+def test_nan_everywhere_beyond_a_time_ends_in_step_underflow():
+    def func(t, y):
+        return ops.where(t > 0.5, ops.full_like(y, np.nan), -y)
+
+    sol = kr.odeint(func, f64([1.0]), 0.0, 1.0, rtol=1e-6, atol=1e-6,
+                    max_steps=100_000, gradient="none")
+    s = stats(sol)
+    assert sol.status == "step_underflow"
+    assert s["accepted"] + s["rejected"] < 1000  # stopped by underflow, not the bound
+    # It stopped just short of t = 0.5 with the right state.
+    np.testing.assert_allclose(np_(sol.y), [np.exp(-0.5)], rtol=1e-5)
+
+    graph = tf.function(lambda y: kr.odeint(func, y, 0.0, 1.0, rtol=1e-6, atol=1e-6,
+                                            max_steps=100_000, gradient="none").stats)
+    assert int(graph(f64([1.0]))["status"]) == Status.STEP_UNDERFLOW
+
+
+# --------------------------------------------------------------------------
+# Error control, float32, counting.
+
+
+def test_uncontrolled_state_does_not_affect_steps():
+    def alone(t, x):
+        return -x * ops.cos(t)
+
+    def together(t, state):
+        x, z = state
+        # A fast, large-amplitude companion that would force small steps.
+        return (alone(t, x), 10.0 * ops.cos(10.0 * t) * ops.ones_like(z))
+
+    x0 = f64([1.0, 2.0])
+    z0 = f64([0.0])
+    kwargs = dict(rtol=1e-6, atol=1e-6, gradient="none")
+    ref = kr.odeint(alone, x0, 0.0, 2.0, **kwargs)
+    sol = kr.odeint(together, (x0, z0), 0.0, 2.0, error_control=(True, False), **kwargs)
+    assert stats(sol) == stats(ref)
+    np.testing.assert_array_equal(np_(sol.y[0]), np_(ref.y))
+    controlled = kr.odeint(together, (x0, z0), 0.0, 2.0, **kwargs)
+    assert stats(controlled)["accepted"] > 3 * stats(ref)["accepted"]
+
+
+def test_float32():
+    a = np.array([[-0.3, 2.0], [-2.0, -0.3]])
+    y0 = np.array([[1.0, 0.5], [-0.2, 1.0]])
+    exact = y0 @ scipy.linalg.expm(a * 2.0).T
+    a_t = tf.constant(a.T, tf.float32)
+    for tol, bound in ((1e-4, 1e-3), (1e-7, 1e-6)):
+        sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), tf.constant(y0, tf.float32),
+                        0.0, 2.0, rtol=tol, atol=tol, gradient="none")
+        assert sol.y.dtype == tf.float32
+        assert sol.status == "success"
+        assert _max_rel_error(np_(sol.y).astype("float64"), exact) < bound
+    # Below float32's resolution the answer is right to float32 precision
+    # (a few ulps), and the controller still gets there.
+    sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), tf.constant(y0, tf.float32),
+                    0.0, 0.3, rtol=1e-9, atol=1e-9, gradient="none")
+    assert sol.status == "success"
+    exact = y0 @ scipy.linalg.expm(a * 0.3).T
+    assert _max_rel_error(np_(sol.y).astype("float64"), exact) < 1e-6
+    for method in ("rk4", "euler"):
+        sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), tf.constant(y0, tf.float32),
+                        0.0, 2.0, method=method, step_size=0.1, gradient="none")
+        assert sol.y.dtype == tf.float32
+
+
+@pytest.mark.parametrize("first_step, extra", [(None, 2), (0.1, 1)])
+def test_nfe_counts_calls_of_func(first_step, extra):
+    calls = []
+
+    def func(t, y):
+        calls.append(1)
+        return ops.stack([y[..., 1], -y[..., 0] - 0.1 * y[..., 1]], axis=-1)
+
+    sol = kr.odeint(func, f64([[1.0, 0.0]]), 0.0, 5.0, rtol=1e-5, atol=1e-5,
+                    first_step=first_step, gradient="none")
+    s = stats(sol)
+    assert s["nfe"] == len(calls)
+    assert s["nfe"] == 6 * (s["accepted"] + s["rejected"]) + extra
+    assert s["accepted"] > 3
+
+
+@pytest.mark.parametrize("method, per_step", [("rk4", 4), ("euler", 1)])
+def test_fixed_step_nfe_counts_calls(method, per_step):
+    calls = []
+
+    def func(t, y):
+        calls.append(1)
+        return -y
+
+    sol = kr.odeint(func, f64([1.0]), 0.0, 1.0, method=method, step_size=0.125,
+                    gradient="none")
+    assert stats(sol)["nfe"] == len(calls) == 8 * per_step
+
+
+# --------------------------------------------------------------------------
+# Bad input: ValueError naming the argument.
+
+
+def _decay(t, y):
+    return -y
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="rk45"), "method"),
+    (dict(rtol=0.0), "rtol"),
+    (dict(rtol=-1e-3), "rtol"),
+    (dict(atol=0.0), "atol"),
+    (dict(atol=-1.0), "atol"),
+    (dict(max_steps=0), "max_steps"),
+    (dict(max_steps=-5), "max_steps"),
+    (dict(max_steps=2.5), "max_steps"),
+    (dict(gradient="backprop"), "gradient"),
+    (dict(method="rk4"), "step_size"),
+    (dict(method="euler", step_size=0.0), "step_size"),
+    (dict(method="dopri5", step_size=0.1), "step_size"),
+    (dict(first_step=-0.1), "first_step"),
+    (dict(error_control=(True, False)), "error_control"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kr.odeint(_decay, f64([1.0]), **kwargs)
+
+
+def test_bad_y0_and_func():
+    with pytest.raises(ValueError, match="y0"):
+        kr.odeint(_decay, tf.constant([1, 2], tf.int32))
+    with pytest.raises(ValueError, match="y0"):
+        kr.odeint(_decay, np.array([1, 2]))
+    with pytest.raises(ValueError, match="y0"):
+        kr.odeint(lambda t, y: y, (f64([1.0]), tf.constant([1.0], tf.float32)))
+    with pytest.raises(ValueError, match="func"):
+        kr.odeint("not callable", f64([1.0]))
+    # Wrong shape.
+    with pytest.raises(ValueError, match="func"):
+        kr.odeint(lambda t, y: ops.concatenate([y, y]), f64([1.0, 2.0]))
+    # Wrong structure: a tensor for a tuple state, a tuple for a tensor.
+    with pytest.raises(ValueError, match="func"):
+        kr.odeint(lambda t, y: y[0], (f64([1.0]), f64([2.0])))
+    with pytest.raises(ValueError, match="func"):
+        kr.odeint(lambda t, y: (y, y), f64([1.0]))
+    with pytest.raises(ValueError, match="func"):
+        kr.odeint(lambda t, y: ops.zeros((3,), "float64"), f64([1.0, 2.0]), method="rk4",
+                  step_size=0.5)
