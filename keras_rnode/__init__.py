@@ -1,6 +1,9 @@
 """keras-rnode: continuous normalizing flows trained the RNODE way, in Keras 3."""
 
+from keras_rnode import backend, datasets, layers
+from keras_rnode.models.rnode import RNODE
 from keras_rnode.solvers.odeint import odeint
 from keras_rnode.solvers.solution import Solution, Status
 
 __version__ = "0.1.0"
+__all__ = ["RNODE", "Solution", "Status", "backend", "datasets", "layers", "odeint"]

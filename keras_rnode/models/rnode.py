@@ -1,0 +1,192 @@
+"""RNODE: a chain of CNF blocks trained with kinetic and Jacobian regularization."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_rnode.layers.cnf import CNF
+from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def standard_normal_log_prob(z):
+    axes = tuple(range(1, len(z.shape)))
+    dims = math.prod(z.shape[1:])
+    return -0.5 * ops.sum(ops.square(z), axis=axes) - 0.5 * dims * LOG_2PI
+
+
+def check_finite(x, what="x"):
+    """A clear error for NaN or inf in concrete (numpy) data; tensors pass."""
+    if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            row = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0, 0])
+            raise ValueError(f"{what} holds {int(bad.sum())} NaN or inf value(s); the "
+                             f"first in row {row}")
+
+
+@keras.saving.register_keras_serializable(package="keras_rnode")
+class RNODE(keras.Model):
+    """A density model: optional dequantization and logit transform, then CNF blocks.
+
+    Args:
+        blocks: a list of `keras_rnode.layers.CNF`.
+        kinetic, jacobian: lambda_K and lambda_J of the RNODE loss.
+        levels: grey levels L of integer image data; then the data is
+            dequantized and the objective is bits/dim. None: continuous
+            data, objective in nats.
+        logit_alpha: apply the logit transform with this alpha (None: no
+            transform).
+        seed: seed of the dequantization noise.
+
+    `model(x)` returns log p(x) per sample (of the dequantized y in [0,1)^D
+    for images). Training minimizes bpd (or nats) + lambda_K * kinetic +
+    lambda_J * jacobian, regularizers summed over blocks, and logs loss,
+    bpd or nll, kinetic, jacobian, nfe and backward_nfe.
+    """
+
+    def __init__(self, blocks, kinetic=0.01, jacobian=0.01, levels=None, logit_alpha=None,
+                 seed=None, **kwargs):
+        super().__init__(**kwargs)
+        blocks = list(blocks)
+        if not blocks or not all(isinstance(b, CNF) for b in blocks):
+            raise ValueError("RNODE needs a non-empty list of keras_rnode.layers.CNF blocks, "
+                             f"got {[type(b).__name__ for b in blocks]}")
+        for name, value in (("kinetic", kinetic), ("jacobian", jacobian)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        self.blocks = blocks
+        self.kinetic = float(kinetic)
+        self.jacobian = float(jacobian)
+        self.levels = levels
+        self.logit_alpha = logit_alpha
+        self.seed = seed
+        self.dequantize = Dequantize(levels, seed=seed) if levels else None
+        self.logit = LogitTransform(logit_alpha) if logit_alpha else None
+        self.objective_name = "bpd" if levels else "nll"
+        self.trackers = {
+            name: keras.metrics.Mean(name=name)
+            for name in (self.objective_name, "kinetic", "jacobian", "nfe", "backward_nfe")
+        }
+
+    # The density --------------------------------------------------------
+
+    def build(self, input_shape):
+        self.event_shape = tuple(input_shape[1:])
+        shape = tuple(input_shape)
+        for block in self.blocks:
+            block.build(shape)
+        self.built = True
+
+    def _flow(self, x, training, regularize, deterministic=None):
+        """x -> (log p per sample, kinetic sum, jacobian sum)."""
+        check_finite(x)
+        if self.levels and isinstance(x, np.ndarray):
+            check_levels(x, self.levels)
+        x = ops.convert_to_tensor(x, self.compute_dtype)
+        if len(x.shape) < 2:
+            raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
+        logdet = 0.0
+        if self.dequantize is not None:
+            x, _ = self.dequantize(x, training=training, deterministic=deterministic)
+        if self.logit is not None:
+            x, ld = self.logit(x)
+            logdet = logdet + ld
+        kinetic = jacobian = 0.0
+        for block in self.blocks:
+            out = block(x, training=training, regularize=regularize)
+            x, delta = out[0], out[1]
+            logdet = logdet - delta
+            if regularize:
+                kinetic = kinetic + out[2]
+                jacobian = jacobian + out[3]
+        return standard_normal_log_prob(x) + logdet, kinetic, jacobian
+
+    def call(self, x, training=None):
+        if training:
+            log_p, kinetic, jacobian = self._flow(x, True, True)
+            return {"log_prob": log_p, "kinetic": kinetic, "jacobian": jacobian}
+        return self._flow(x, False, False)[0]
+
+    def log_prob(self, x, training=False):
+        """log p(x) per sample; for images, of the dequantized y = (x + u) / L."""
+        return self._flow(x, training, False)[0]
+
+    def bits_per_dim(self, x, midpoint=False):
+        """Bits/dim per sample (uniform dequantization; midpoint=True: the "clean" figure)."""
+        if not self.levels:
+            raise ValueError("bits_per_dim needs image data: this model was built without "
+                             "levels; use log_prob (nats) instead")
+        log_p = self._flow(x, False, False, deterministic=midpoint)[0]
+        return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
+
+    def sample(self, n, seed=None):
+        """n samples: images as integers in [0, L-1] (float), other data as is."""
+        if not self.built:
+            raise ValueError("the model must be built (called on data) before sampling")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        z = keras.random.normal((n, *self.event_shape), dtype=self.compute_dtype,
+                                seed=seed if seed is not None else self.blocks[0].seed_generator)
+        for block in reversed(self.blocks):
+            z, _ = block.inverse(z)
+        if self.logit is not None:
+            z, _ = self.logit.inverse(z)
+        if self.levels:
+            z = ops.clip(ops.floor(z * self.levels), 0, self.levels - 1)
+        return z
+
+    # Training -------------------------------------------------------------
+
+    def objective(self, log_p):
+        if self.levels:
+            return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
+        return -log_p
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if not isinstance(y_pred, dict):  # evaluate(): y_pred is log p
+            y_pred = {"log_prob": y_pred, "kinetic": 0.0, "jacobian": 0.0}
+        objective = ops.mean(self.objective(y_pred["log_prob"]))
+        kinetic = ops.mean(y_pred["kinetic"])
+        jacobian = ops.mean(y_pred["jacobian"])
+        self.trackers[self.objective_name].update_state(objective)
+        self.trackers["kinetic"].update_state(kinetic)
+        self.trackers["jacobian"].update_state(jacobian)
+        return objective + self.kinetic * kinetic + self.jacobian * jacobian
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)
+        self.trackers["nfe"].update_state(nfe)
+        backward = sum(ops.cast(b.stats["backward_nfe"], "float32") for b in self.blocks)
+        self.trackers["backward_nfe"].update_state(backward)
+        return self.get_metrics_result()
+
+    @property
+    def metrics(self):
+        return [*super().metrics, *self.trackers.values()]
+
+    # Saving ---------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            blocks=[keras.saving.serialize_keras_object(b) for b in self.blocks],
+            kinetic=self.kinetic, jacobian=self.jacobian, levels=self.levels,
+            logit_alpha=self.logit_alpha, seed=self.seed)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["blocks"] = [keras.saving.deserialize_keras_object(b) for b in config["blocks"]]
+        return cls(**config)
+
+    def get_build_config(self):
+        return {"input_shape": (None, *self.event_shape)} if self.built else {}
+
+    def build_from_config(self, config):
+        if config:
+            self.build(tuple(config["input_shape"]))
