@@ -13,6 +13,7 @@ NAME = keras.backend.backend()
 if NAME == "tensorflow":
     from keras_rnode.backend.tensorflow import (
         differentiable_solve,
+        jacobian_product,
         recorder_new,
         recorder_read,
         recorder_write,
@@ -27,6 +28,7 @@ else:  # pragma: no cover - the JAX and PyTorch backends are issue 6
 __all__ = [
     "NAME",
     "differentiable_solve",
+    "jacobian_product",
     "recorder_new",
     "recorder_read",
     "recorder_write",

@@ -108,6 +108,7 @@ class CNF(keras.layers.Layer):
             self.build(x.shape)
         solver = self.train_solver if training else self.eval_solver
         trace = self.trace if training else self.eval_trace
+        # Drawn once per solve: every stage of every step sees the same probe.
         eps = self._noise(x) if trace == "hutchinson" else None
         batch = ops.shape(x)[0]
         zeros = ops.zeros((batch,), x.dtype)

@@ -1,13 +1,16 @@
 """Divergence (trace of df/dz) and Frobenius estimates for CNF dynamics.
 
 Both return (f, trace, frobenius) per sample, where frobenius is the mean
-over event dimensions of (J eps)^2, the RNODE Jacobian regularizer; its
-expectation is ||J||_F^2 / D.
+over event dimensions of the squared Jacobian-vector product, the RNODE
+Jacobian regularizer; its expectation is ||J||_F^2 / D. The product
+(J v or v^T J) is the backend's choice: see `backend.jacobian_product`.
 """
 
 import math
 
 from keras import ops
+
+from keras_rnode import backend
 
 
 def _event_axes(z):
@@ -15,31 +18,31 @@ def _event_axes(z):
 
 
 def hutchinson(fn, z, eps):
-    """One forward-mode product v = J eps gives both estimates.
+    """One Jacobian-vector product w gives both estimates.
 
-    tr(J) ~ eps . v and ||J||_F^2 / D ~ mean(v^2), for eps with E[eps eps^T] = I.
+    tr(J) ~ eps . w and ||J||_F^2 / D ~ mean(w^2), for eps with E[eps eps^T] = I.
     """
-    f, v = ops.jvp(fn, (z,), (eps,))
+    f, w = backend.jacobian_product(fn, z, eps)
     axes = _event_axes(z)
-    return f, ops.sum(eps * v, axis=axes), ops.mean(ops.square(v), axis=axes)
+    return f, ops.sum(eps * w, axis=axes), ops.mean(ops.square(w), axis=axes)
 
 
 def exact(fn, z):
-    """The Jacobian's diagonal from D forward-mode products, batched as one call.
+    """The Jacobian's diagonal from D products with basis vectors, batched as one call.
 
-    The batch is repeated D times, copy i pushing the basis vector e_i, so
-    the network runs once on D * batch rows. Frobenius is exact too:
-    ||J||_F^2 / D, the expectation of the Hutchinson figure.
+    The batch is repeated D times, copy i probing with e_i, so the network
+    runs once on D * batch rows. Frobenius is exact too: ||J||_F^2 / D,
+    the expectation of the Hutchinson figure.
     """
     event_shape = tuple(z.shape[1:])
     dim = math.prod(event_shape)
     batch = ops.shape(z)[0]
     eye = ops.eye(dim, dtype=z.dtype)
-    tangents = ops.reshape(
+    probes = ops.reshape(
         ops.repeat(eye[:, None, :], batch, axis=1), (dim * batch, *event_shape))
     z_rep = ops.tile(z, (dim,) + (1,) * len(event_shape))
-    f_rep, cols = ops.jvp(fn, (z_rep,), (tangents,))
-    cols = ops.reshape(cols, (dim, batch, dim))
-    trace = ops.sum(cols * eye[:, None, :], axis=(0, 2))
-    frobenius = ops.sum(ops.square(cols), axis=(0, 2)) / dim
+    f_rep, rows = backend.jacobian_product(fn, z_rep, probes)
+    rows = ops.reshape(rows, (dim, batch, dim))
+    trace = ops.sum(rows * eye[:, None, :], axis=(0, 2))
+    frobenius = ops.sum(ops.square(rows), axis=(0, 2)) / dim
     return f_rep[:batch], trace, frobenius
