@@ -82,11 +82,7 @@ class CNF(keras.layers.Layer):
             raise ValueError(f"{self.name}: input must be (batch, *event_shape), got "
                              f"shape {tuple(input_shape)}")
         z = ops.zeros((1, *input_shape[1:]), self.compute_dtype)
-        out = self.dynamics(ops.zeros((), self.compute_dtype), z)
-        if tuple(out.shape) != tuple(z.shape):
-            raise ValueError(
-                f"{self.name}: dynamics returned shape {tuple(out.shape)} for input of "
-                f"shape {tuple(z.shape)}; dz/dt must have z's shape")
+        self._call_dynamics(ops.zeros((), self.compute_dtype), z)
         self.stats = {
             name: self.add_weight(shape=(), dtype="int32", initializer="zeros",
                                   trainable=False, name=name)
@@ -115,7 +111,7 @@ class CNF(keras.layers.Layer):
 
         def augmented(t, state):
             z = state[0]
-            fn = lambda z_: self.dynamics(t, z_)  # noqa: E731
+            fn = lambda z_: self._call_dynamics(t, z_)  # noqa: E731
             if eps is None:
                 f, tr, frobenius = divergence.exact(fn, z)
             else:
@@ -133,6 +129,22 @@ class CNF(keras.layers.Layer):
         for name in STAT_NAMES[:4]:
             self.stats[name].assign(sol.stats[name])
         return sol.y
+
+    def _call_dynamics(self, t, z):
+        """dynamics(t, z), checked to have z's shape.
+
+        Checked at every call, not only at build (batch 1): a net that drops
+        or mixes rows shows itself only on a larger batch.
+        """
+        out = self.dynamics(t, z)
+        got, expected = tuple(out.shape), tuple(z.shape)
+        if len(got) != len(expected) or any(
+                a is not None and b is not None and a != b for a, b in zip(got, expected)):
+            name = getattr(self.dynamics, "name", type(self.dynamics).__name__)
+            raise ValueError(
+                f"{self.name}: dynamics {name!r} returned shape {got} for input of "
+                f"shape {expected}; dz/dt must have z's shape")
+        return out
 
     def _noise(self, x):
         shape = ops.shape(x)

@@ -36,8 +36,10 @@ def fixed_step_count(length, step_size):
 
 def time_frame(t0, t1, dtype):
     """(t0, direction, length) in the states' dtype: t = t0 + direction * s."""
-    t0 = ops.cast(t0, dtype)
-    t1 = ops.cast(t1, dtype)
+    # convert_to_tensor, not cast: ops.cast(1.3, "float64") goes through
+    # float32 and shifts the end time by 5e-8.
+    t0 = ops.convert_to_tensor(t0, dtype)
+    t1 = ops.convert_to_tensor(t1, dtype)
     direction = ops.where(t1 >= t0, ops.ones_like(t0), -ops.ones_like(t0))
     return t0, direction, ops.abs(t1 - t0)
 
@@ -64,7 +66,8 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
     def start():
         f0 = func(t0, y0)
         if first_step is not None:
-            return [*f0, ops.minimum(ops.cast(first_step, dtype), length), ops.ones((), "int32")]
+            h0 = ops.minimum(ops.convert_to_tensor(first_step, dtype), length)
+            return [*f0, h0, ops.ones((), "int32")]
         h = controller.initial_step(func, t0, y0, f0, direction, length,
                                     tableau.order, rtol, atol, controlled)
         return [*f0, h, 2 * ops.ones((), "int32")]

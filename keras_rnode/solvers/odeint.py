@@ -126,6 +126,10 @@ def _check_output(structure, y, out):
         raise ValueError(f"func must return the structure of y0; got {type(out).__name__} "
                          f"for y0 of {type(structure).__name__}: {err}") from None
     for i, (a, b) in enumerate(zip(y, flat_out)):
-        if tuple(a.shape) != tuple(ops.shape(b)):
-            raise ValueError(f"func returned shape {tuple(ops.shape(b))} for state {i} "
-                             f"of shape {tuple(a.shape)}; dy/dt must have y's shape")
+        # Static shapes: an unknown (None) dimension, e.g. the batch of a
+        # traced function with a None batch, agrees with anything.
+        sa, sb = tuple(a.shape), tuple(b.shape)
+        if len(sa) != len(sb) or any(p is not None and q is not None and p != q
+                                     for p, q in zip(sa, sb)):
+            raise ValueError(f"func returned shape {sb} for state {i} "
+                             f"of shape {sa}; dy/dt must have y's shape")
