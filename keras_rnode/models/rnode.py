@@ -78,7 +78,10 @@ class RNODE(keras.Model):
         self.event_shape = tuple(input_shape[1:])
         shape = tuple(input_shape)
         for block in self.blocks:
-            block.build(shape)
+            # Deserialized blocks arrive built (their own build config);
+            # building again would add their weights twice.
+            if not block.built:
+                block.build(shape)
         self.built = True
 
     def _flow(self, x, training, regularize, deterministic=None):
@@ -89,6 +92,8 @@ class RNODE(keras.Model):
         x = ops.convert_to_tensor(x, self.compute_dtype)
         if len(x.shape) < 2:
             raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
+        if not self.built:  # log_prob / bits_per_dim before any model(x) call
+            self.build(tuple(x.shape))
         logdet = 0.0
         if self.dequantize is not None:
             x, _ = self.dequantize(x, training=training, deterministic=deterministic)
@@ -127,8 +132,12 @@ class RNODE(keras.Model):
         """n samples: images as integers in [0, L-1] (float), other data as is."""
         if not self.built:
             raise ValueError("the model must be built (called on data) before sampling")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        return self._sample(int(n), seed)
+
+    def _sample(self, n, seed=None):
+        """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
         z = keras.random.normal((n, *self.event_shape), dtype=self.compute_dtype,
                                 seed=seed if seed is not None else self.blocks[0].seed_generator)
         for block in reversed(self.blocks):
@@ -169,6 +178,23 @@ class RNODE(keras.Model):
         return [*super().metrics, *self.trackers.values()]
 
     # Saving ---------------------------------------------------------------
+
+    def export(self, filepath, format="tf_saved_model", overwrite=False, verbose=None,
+               **kwargs):
+        """Write a TensorFlow SavedModel with `log_prob(x)` and `sample(n)` endpoints.
+
+        x: float32 (None, *event_shape); n: scalar int32. The archive is built
+        under a temporary sibling name and renamed into place when complete;
+        an existing `filepath` is replaced only with overwrite=True. See
+        `keras_rnode.models.export` for what the endpoints compute.
+        """
+        if format != "tf_saved_model":
+            raise ValueError(f"RNODE exports only format='tf_saved_model', got {format!r}")
+        if kwargs:
+            raise ValueError(f"unexpected export arguments: {sorted(kwargs)}")
+        from keras_rnode.models.export import export_saved_model
+
+        return export_saved_model(self, filepath, overwrite=overwrite, verbose=bool(verbose))
 
     def get_config(self):
         config = super().get_config()
