@@ -1,5 +1,11 @@
 """keras-rnode: continuous normalizing flows trained the RNODE way, in Keras 3."""
 
+import os
+
+# TensorFlow's start-up chatter (CUDA probes, CPU features) buries the CLI's
+# output; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from keras_rnode import backend, datasets, layers
 from keras_rnode.models.rnode import RNODE
 from keras_rnode.solvers.odeint import odeint

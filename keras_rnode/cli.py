@@ -478,20 +478,20 @@ SOLVERS = click.Choice(["dopri5", "rk4", "euler"])
               help="Divergence estimator at evaluation.  [default: as --trace]")
 @click.option("--noise", default="gaussian", show_default=True,
               type=click.Choice(["gaussian", "rademacher"]), help="Hutchinson probe noise.")
-@click.option("--gradient", default="adjoint", show_default=True,
+@click.option("--gradient", default="direct", show_default=True,
               type=click.Choice(["adjoint", "direct"]),
-              help="adjoint (memory flat in the steps) or direct backpropagation.")
+              help="direct backpropagation through the accepted steps (faster) or adjoint (memory flat in the steps).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Passes over the training data.  [default: 10, unless --steps]")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="Train for exactly this many optimizer steps instead of epochs.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, callback=_positive,
               help="Adam learning rate.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds weights, data order, noise; toy data is drawn with it (test: seed+1).")
-@click.option("--n-train", default=10000, show_default=True, type=click.IntRange(min=1),
+@click.option("--n-train", default=100000, show_default=True, type=click.IntRange(min=1),
               help="Toy data: training sample size.")
 @click.option("--n-test", default=None, type=click.IntRange(min=1),
               help=f"Held-out sample size.  [default: {TOY_TEST_SIZE} toy points, the whole "
