@@ -36,20 +36,28 @@ Run `python benchmarks/solver.py --help`; `--quick` is a smoke run.
 
 import datetime
 import os
-import platform
-import random
-import re
-import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, also when loaded by path
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import (  # noqa: E402
+    command_line,
+    compile_all,
+    fmt_ms,
+    fmt_ratio,
+    fmt_us,
+    machine,
+    ratio,
+    set_threads,
+    time_interleaved,
+    write_results,
+)
 
 HEADING = "## Solver (issue 2)"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -208,14 +216,6 @@ def build_baselines(dynamics, variables, y0, n_evals):
 # Measuring
 
 
-def run_once(fn):
-    """(wall seconds, process CPU seconds, outputs) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    [o.numpy() for o in out]  # all results on the host: the call has finished
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
 def count_evaluations(dynamics, variables, y0, tol, max_steps):
     """Forward and backward NFE of every gradient variant, in graph mode.
 
@@ -267,93 +267,8 @@ def count_evaluations(dynamics, variables, y0, tol, max_steps):
     return counts
 
 
-def compile_all(variants):
-    """First call of each variant (tracing + compiling); failures recorded."""
-    compiled, failures, compile_s = {}, {}, {}
-    for key, fn in variants.items():
-        try:
-            seconds = run_once(fn)[0]
-            run_once(fn)  # a second call: steady state
-        except Exception as err:  # noqa: BLE001 - recorded in the report
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            failures[key] = f"{type(err).__name__}: {first[:160]}"
-            continue
-        compiled[key], compile_s[key] = fn, seconds
-    return compiled, failures, compile_s
-
-
-class Timings:
-    """Wall and CPU samples per variant, summarised by medians."""
-
-    def __init__(self):
-        self.wall, self.cpu = {}, {}
-
-    def add(self, key, wall, cpu):
-        self.wall.setdefault(key, []).append(wall)
-        self.cpu.setdefault(key, []).append(cpu)
-
-    def __contains__(self, key):
-        return key in self.wall
-
-    def get(self, key, metric="wall"):
-        samples = (self.wall if metric == "wall" else self.cpu).get(key)
-        return statistics.median(samples) if samples else None
-
-    def minimum(self, key):
-        return min(self.wall[key]) if key in self.wall else None
-
-
-def time_interleaved(variants, repeats, seed):
-    """Times every variant once per round, `repeats` rounds, order shuffled each round."""
-    rng = random.Random(seed)
-    keys = list(variants)
-    timings = Timings()
-    for _ in range(repeats):
-        rng.shuffle(keys)
-        for k in keys:
-            wall, cpu, _ = run_once(variants[k])
-            timings.add(k, wall, cpu)
-    return timings
-
-
 # --------------------------------------------------------------------------
 # Reporting
-
-
-def machine():
-    import tensorflow as tf
-
-    cpu = platform.processor() or "unknown"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        if found:
-            cpu = found.group(1).strip()
-    except OSError:
-        pass
-    gpus = tf.config.list_physical_devices("GPU")
-    device = "CPU only"
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        device = f"GPU: {len(gpus)} x {details.get('device_name', 'GPU')}"
-    return (f"nproc {os.cpu_count()}, CPU {cpu}, {device}, Python {platform.python_version()}, "
-            f"TensorFlow {tf.__version__}")
-
-
-def fmt_ms(seconds):
-    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
-
-
-def fmt_us(seconds):
-    return "-" if seconds is None else f"{seconds * 1e6:.0f} us"
-
-
-def fmt_ratio(x):
-    return "-" if x is None else f"{x:.2f}"
-
-
-def ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
 
 
 PER_EVAL = {
@@ -526,21 +441,6 @@ def report(args, timings, nfe, counts, failures, compile_s, wall_s):
     return "\n".join(lines)
 
 
-def write_results(path, section):
-    """Replace the section under HEADING in `path`, or append it."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        nxt = re.search(r"^## ", text[start + len(HEADING):], re.M)
-        end = len(text) if nxt is None else start + len(HEADING) + nxt.start()
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end:] if nxt else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 # --------------------------------------------------------------------------
 
 
@@ -567,12 +467,7 @@ def write_results(path, section):
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, threads, seed):
     """Benchmark keras-rnode's dopri5 against TFP's DormandPrince (issue 2)."""
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")  # retracing and deprecation chatter
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    threads_label = set_threads(threads)
     started = time.perf_counter()
     repeats = repeats or (2 if quick else 15)
     batch = batch or (64 if quick else 512)
@@ -581,8 +476,7 @@ def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, thread
     max_steps = 1000
     if results is None and not quick:
         results = DEFAULT_RESULTS
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    command = command_line()
 
     dynamics, variables, y0 = make_problem(batch, seed)
     variants = build_variants(dynamics, variables, y0, tol, max_steps, tfp_xla)
@@ -603,7 +497,7 @@ def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, thread
     timings = time_interleaved(compiled, repeats, seed)
 
     args = dict(command=command, batch=batch, tol=tol, repeats=repeats, n_evals=n_evals,
-                n_vars=len(variables), threads=threads or "TensorFlow's default")
+                n_vars=len(variables), threads=threads_label)
     section = report(args, timings, nfe, counts, failures, compile_s,
                      time.perf_counter() - started)
     click.echo(section)

@@ -56,3 +56,107 @@ def test_quick_run_exits_zero_and_writes_the_table(tmp_path):
     assert "## Solver (issue 2)" in text
     assert "| ours | xla | forward |" in text
     assert "overhead ratio" in text
+
+
+# --------------------------------------------------------------------------
+# Issue 5: the CNF step, RNODE vs unregularized, and the GPU script
+
+BENCH = ROOT / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, options", [
+    ("cnf_step", ("--repeats", "--batch", "--steps", "--tfp-xla", "--quick", "--results")),
+    ("rnode_vs_ffjord", ("--datasets", "--digits", "--budget-s", "--eval-every", "--quick",
+                         "--out", "--results")),
+])
+def test_issue5_scripts_list_their_options(name, options):
+    result = CliRunner().invoke(load(name).main, ["--help"])
+    assert result.exit_code == 0, result.output
+    for option in options:
+        assert option in result.output
+    assert "--scaling-worker" not in result.output  # internal
+
+
+def test_shared_write_results_takes_the_heading_from_the_section(tmp_path):
+    timing = load("_timing")
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## A\n\nold a\n\n## B\n\nold b\n")
+    timing.write_results(path, "## A\n\nnew a\n")
+    text = path.read_text()
+    assert "new a" in text and "old a" not in text and "old b" in text
+
+
+def test_time_to_target_and_ratios():
+    bench = load("rnode_vs_ffjord")
+
+    class FakeRun:
+        def __init__(self, records):
+            self.records, self.steps, self.wall, self.cpu = records, 10, 100.0, 90.0
+            self.compile_s, self.failed = 5.0, None
+
+    def rec(t, nll, nfe):
+        return {"wall_s": t, "nll": nll, "nfe_forward": nfe, "nfe_backward": nfe,
+                "eval_nfe": nfe}
+
+    runs = {
+        "rnode": FakeRun([rec(0, 5.0, 20), rec(20, 3.1, 20), rec(100, 3.0, 20)]),
+        "unregularized": FakeRun([rec(0, 5.0, 20), rec(50, 3.3, 40), rec(80, 3.05, 50),
+                                  rec(100, 3.04, 60)]),
+    }
+    s = bench.summarize("8gaussians", runs, 0.05)
+    assert s["target"] == pytest.approx(3.09)
+    assert s["t_rnode"] == 100 and s["t_unreg"] == 80  # rnode's 3.1 at 20 s misses 3.09
+    assert s["time_ratio"] == pytest.approx(0.8)
+    assert s["nfe_ratio"] == pytest.approx(3.0)
+    assert bench.first_time_within(runs["rnode"].records, 1.0) is None
+
+
+def _run(args, timeout=900):
+    proc = subprocess.run([*args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_cnf_step_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    _run([sys.executable, str(BENCH / "cnf_step.py"), "--quick", "--no-tfp-xla",
+          "--results", str(results)])
+    text = results.read_text()
+    assert "## CNF training step (issue 5)" in text
+    assert "| ours | xla |" in text and "| tfp | graph |" in text
+    assert "direct - adjoint [MiB]" in text and "failed" not in text
+
+
+@pytest.mark.slow
+def test_rnode_vs_ffjord_quick_run_writes_records_plot_and_section(tmp_path):
+    import json
+
+    results = tmp_path / "RESULTS.md"
+    _run([sys.executable, str(BENCH / "rnode_vs_ffjord.py"), "--quick", "--datasets",
+          "8gaussians", "--budget-s", "3", "--out", str(tmp_path), "--results", str(results)])
+    rows = [json.loads(line) for line in (tmp_path / "8gaussians.jsonl").read_text().splitlines()]
+    records = [r for r in rows if "model" in r]
+    assert {r["model"] for r in records} == {"rnode", "unregularized"}
+    assert all(r["nfe_forward"] > 0 and r["nll"] == r["nll"] for r in records)
+    assert "summary" in rows[-1]
+    assert (tmp_path / "8gaussians.png").stat().st_size > 10_000
+    assert "## RNODE vs unregularized (issue 5)" in results.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_script_quick_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.md"
+    proc = _run(["bash", str(BENCH / "gpu.sh"), "--quick", "--out", str(out)])
+    text = out.read_text()
+    assert "## GPU training step (issue 5)" in text
+    assert "CPU FALLBACK" in text or "PASS" in text
+    assert text.count("| 2-D |") == 2 and text.count("| 8x8 images |") == 2
+    assert "FAILED" not in text, proc.stderr[-2000:]
