@@ -21,11 +21,13 @@ def _stats(nfe, accepted, rejected, status):
     return [ops.cast(v, "int32") for v in (nfe, accepted, rejected, status)]
 
 
-def _static_value(x):
-    try:
-        return float(ops.convert_to_numpy(x))
-    except Exception:  # a symbolic tensor: known only when the graph runs
-        return None
+def _static_length(t0, t1):
+    """|t1 - t0| when both are Python numbers: the step count of a fixed-step
+    solve is then known while tracing, and the direct gradient's record is
+    sized to it instead of max_steps."""
+    if isinstance(t0, (int, float)) and isinstance(t1, (int, float)):
+        return abs(float(t1) - float(t0))
+    return None
 
 
 def fixed_step_count(length, step_size):
@@ -51,11 +53,13 @@ def integrate(func, tableau, y0, t0, t1, *, rtol, atol, max_steps, step_size,
     `records` is None unless `record`; then it is (recorder, count) where
     the recorder holds [s_and_h, *y] of each accepted step.
     """
+    static_length = _static_length(t0, t1)
     t0, direction, length = time_frame(t0, t1, y0[0].dtype)
     if tableau.adaptive:
         return _adaptive(func, tableau, y0, t0, direction, length, rtol, atol,
                          max_steps, first_step, controlled, record)
-    return _fixed(func, tableau, y0, t0, direction, length, step_size, max_steps, record)
+    return _fixed(func, tableau, y0, t0, direction, length, static_length, step_size,
+                  max_steps, record)
 
 
 def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
@@ -128,9 +132,9 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
     return y, _stats(nfe, accepted, rejected, status), records
 
 
-def _fixed(func, tableau, y0, t0, direction, length, step_size, max_steps, record):
+def _fixed(func, tableau, y0, t0, direction, length, static_length, step_size, max_steps,
+           record):
     dtype = keras.backend.standardize_dtype(y0[0].dtype)
-    static_length = _static_value(length)
     if static_length is not None:
         count = fixed_step_count(static_length, step_size)
         steps = min(count, max_steps)
