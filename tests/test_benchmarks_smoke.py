@@ -102,8 +102,9 @@ def test_time_to_target_and_ratios():
             self.compile_s, self.failed = 5.0, None
 
     def rec(t, nll, nfe):
-        return {"wall_s": t, "nll": nll, "nfe_forward": nfe, "nfe_backward": nfe,
-                "eval_nfe": nfe}
+        # Real records carry the step too; here one step a second.
+        return {"step": t, "wall_s": t, "nll": nll, "nfe_forward": nfe,
+                "nfe_backward": nfe, "eval_nfe": nfe}
 
     runs = {
         "rnode": FakeRun([rec(0, 5.0, 20), rec(20, 3.1, 20), rec(100, 3.0, 20)]),
