@@ -28,6 +28,17 @@ def check_finite(x, what="x"):
                              f"first in row {row}")
 
 
+class FiniteMean(keras.metrics.Mean):
+    """A mean that leaves out NaN and inf values (steps the optimizer skipped)."""
+
+    def update_state(self, values, sample_weight=None):
+        finite = ops.isfinite(values)
+        weight = ops.cast(finite, self.dtype)
+        if sample_weight is not None:
+            weight = weight * ops.cast(sample_weight, self.dtype)
+        super().update_state(ops.where(finite, values, 0.0), sample_weight=weight)
+
+
 @keras.saving.register_keras_serializable(package="keras_rnode")
 class RNODE(keras.Model):
     """A density model: optional dequantization and logit transform, then CNF blocks.
@@ -71,6 +82,9 @@ class RNODE(keras.Model):
             name: keras.metrics.Mean(name=name)
             for name in (self.objective_name, "kinetic", "jacobian", "nfe", "backward_nfe")
         }
+        # Training steps (per epoch) whose solve stopped short of T.
+        self.trackers["solver_failures"] = keras.metrics.Sum(name="solver_failures")
+        self._skips_bad_steps = False
 
     # The density --------------------------------------------------------
 
@@ -161,17 +175,38 @@ class RNODE(keras.Model):
         objective = ops.mean(self.objective(y_pred["log_prob"]))
         kinetic = ops.mean(y_pred["kinetic"])
         jacobian = ops.mean(y_pred["jacobian"])
-        self.trackers[self.objective_name].update_state(objective)
-        self.trackers["kinetic"].update_state(kinetic)
-        self.trackers["jacobian"].update_state(jacobian)
-        return objective + self.kinetic * kinetic + self.jacobian * jacobian
+        loss = objective + self.kinetic * kinetic + self.jacobian * jacobian
+        # A step the optimizer skips must not turn the epoch's means into NaN.
+        weight = ops.cast(ops.isfinite(loss), "float32") if self._skips_bad_steps else None
+        for name, value in ((self.objective_name, objective), ("kinetic", kinetic),
+                            ("jacobian", jacobian)):
+            if weight is not None:
+                value = ops.where(ops.isfinite(value), value, 0.0)
+            self.trackers[name].update_state(value, sample_weight=weight)
+        return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)
         self.trackers["nfe"].update_state(nfe)
         backward = sum(ops.cast(b.stats["backward_nfe"], "float32") for b in self.blocks)
         self.trackers["backward_nfe"].update_state(backward)
+        self.trackers["solver_failures"].update_state(
+            ops.cast(ops.logical_not(self.solves_succeeded()), "float32"))
         return self.get_metrics_result()
+
+    def solves_succeeded(self):
+        """True (a boolean tensor) when every block's last solve reached T."""
+        return ops.all(ops.stack([ops.equal(b.stats["status"], 0) for b in self.blocks]))
+
+    def compile(self, optimizer="rmsprop", **kwargs):
+        super().compile(optimizer=optimizer, **kwargs)
+        from keras_rnode.optimizers import SkipBadSteps
+
+        self._skips_bad_steps = isinstance(self.optimizer, SkipBadSteps)
+        if self._skips_bad_steps and getattr(self, "_loss_tracker", None) is not None:
+            # Keras's loss tracker would average a skipped step's NaN in. Set
+            # as Trainer.compile sets it: outside the layer's state tracking.
+            object.__setattr__(self, "_loss_tracker", FiniteMean(name="loss"))
 
     @property
     def metrics(self):
