@@ -6,6 +6,7 @@ from keras_rnode.layers.dynamics import (
     ConcatSquashConvNet,
     ConcatSquashMLP,
 )
+from keras_rnode.layers.squeeze import squeeze, unsqueeze
 from keras_rnode.layers.transforms import Dequantize, LogitTransform
 
 __all__ = [
@@ -15,4 +16,6 @@ __all__ = [
     "ConcatSquashMLP",
     "Dequantize",
     "LogitTransform",
+    "squeeze",
+    "unsqueeze",
 ]

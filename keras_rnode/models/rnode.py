@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_rnode.backend.distribute import scale_loss
 from keras_rnode.layers.cnf import CNF
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
 
@@ -16,6 +17,23 @@ def standard_normal_log_prob(z):
     axes = tuple(range(1, len(z.shape)))
     dims = math.prod(z.shape[1:])
     return -0.5 * ops.sum(ops.square(z), axis=axes) - 0.5 * dims * LOG_2PI
+
+
+def flow_through(blocks, x, training, regularize, delta=0.0, kinetic=0.0, jacobian=0.0):
+    """x through CNF blocks in order: (z, delta, kinetic, jacobian), each sum carried on."""
+    for block in blocks:
+        out = block(x, training=training, regularize=regularize)
+        x, delta = out[0], delta + out[1]
+        if regularize:
+            kinetic, jacobian = kinetic + out[2], jacobian + out[3]
+    return x, delta, kinetic, jacobian
+
+
+def flow_back(blocks, z):
+    """z back through CNF blocks in reverse order."""
+    for block in reversed(blocks):
+        z, _ = block.inverse(z)
+    return z
 
 
 def check_finite(x, what="x"):
@@ -75,8 +93,10 @@ class RNODE(keras.Model):
         self.levels = levels
         self.logit_alpha = logit_alpha
         self.seed = seed
-        self.dequantize = Dequantize(levels, seed=seed) if levels else None
-        self.logit = LogitTransform(logit_alpha) if logit_alpha else None
+        self.dequantize = (Dequantize(levels, seed=seed, dtype=self.dtype_policy)
+                           if levels else None)
+        self.logit = (LogitTransform(logit_alpha, dtype=self.dtype_policy)
+                      if logit_alpha else None)
         self.objective_name = "bpd" if levels else "nll"
         self.trackers = {
             name: keras.metrics.Mean(name=name)
@@ -108,21 +128,35 @@ class RNODE(keras.Model):
             raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
         if not self.built:  # log_prob / bits_per_dim before any model(x) call
             self.build(tuple(x.shape))
-        logdet = 0.0
         if self.dequantize is not None:
             x, _ = self.dequantize(x, training=training, deterministic=deterministic)
+        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize)
+        log_p = sum(standard_normal_log_prob(z) for z in latents) + logdet
+        return log_p, kinetic, jacobian
+
+    def _encode(self, x, training=False, regularize=False):
+        """Continuous x -> (latent parts, log-det of the whole map, kinetic, jacobian sums)."""
+        logdet = 0.0
         if self.logit is not None:
-            x, ld = self.logit(x)
-            logdet = logdet + ld
-        kinetic = jacobian = 0.0
-        for block in self.blocks:
-            out = block(x, training=training, regularize=regularize)
-            x, delta = out[0], out[1]
-            logdet = logdet - delta
-            if regularize:
-                kinetic = kinetic + out[2]
-                jacobian = jacobian + out[3]
-        return standard_normal_log_prob(x) + logdet, kinetic, jacobian
+            x, logdet = self.logit(x)
+        latents, delta, kinetic, jacobian = self._forward(x, training, regularize)
+        return latents, logdet - delta, kinetic, jacobian
+
+    def _forward(self, x, training, regularize):
+        """The CNF part: x -> (latent parts, sum of delta_logp, kinetic sum, jacobian sum).
+
+        Subclasses with another arrangement of blocks override this,
+        `_inverse` and `_latent_shapes`; the rest of the model is shared.
+        """
+        z, delta, kinetic, jacobian = flow_through(self.blocks, x, training, regularize)
+        return [z], delta, kinetic, jacobian
+
+    def _inverse(self, latents):
+        """Latent parts -> x before the logit transform (the inverse of `_forward`)."""
+        return flow_back(self.blocks, latents[0])
+
+    def _latent_shapes(self):
+        return [tuple(self.event_shape)]
 
     def call(self, x, training=None):
         if training:
@@ -152,10 +186,13 @@ class RNODE(keras.Model):
 
     def _sample(self, n, seed=None):
         """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
-        z = keras.random.normal((n, *self.event_shape), dtype=self.compute_dtype,
-                                seed=seed if seed is not None else self.blocks[0].seed_generator)
-        for block in reversed(self.blocks):
-            z, _ = block.inverse(z)
+        latents = [
+            keras.random.normal(
+                (n, *shape), dtype=self.compute_dtype,
+                # An integer seed would draw the same noise for every part.
+                seed=self.blocks[0].seed_generator if seed is None else seed + i)
+            for i, shape in enumerate(self._latent_shapes())]
+        z = self._inverse(latents)
         if self.logit is not None:
             z, _ = self.logit.inverse(z)
         if self.levels:
@@ -183,7 +220,8 @@ class RNODE(keras.Model):
             if weight is not None:
                 value = ops.where(ops.isfinite(value), value, 0.0)
             self.trackers[name].update_state(value, sample_weight=weight)
-        return loss
+        # Under a tf.distribute strategy the replicas' gradients are summed.
+        return scale_loss(loss)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)

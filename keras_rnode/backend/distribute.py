@@ -1,0 +1,93 @@
+"""Data-parallel training on TensorFlow: tf.distribute strategies and the loss scaling they need.
+
+One host, several devices: `mirrored_strategy(n)` gives a
+`tf.distribute.MirroredStrategy` over n GPUs, or over n logical CPU devices
+split from the CPU when fewer GPUs exist (`split_cpu`, which must run
+before TensorFlow initializes its devices). Build and compile the model
+under `strategy.scope()`; `model.fit` then splits each global batch across
+the replicas and all-reduces the gradients.
+
+Several hosts: `tf.distribute.MultiWorkerMirroredStrategy()` in place of
+the mirrored one, with the cluster described by the TF_CONFIG environment
+variable on every worker (see `multi_worker_strategy`); the code is
+otherwise the same.
+
+On JAX the route is Keras's own distribution API
+(`keras.distribution.set_distribution(keras.distribution.DataParallel())`),
+not this module. TensorFlow is imported inside the functions so that the
+module can be imported under any backend.
+"""
+
+import keras
+
+
+def split_cpu(n):
+    """Split the first physical CPU into n logical devices; returns their names.
+
+    Raises RuntimeError with a clear message when TensorFlow has already
+    initialized its devices (the split must come first in the process).
+    """
+    import tensorflow as tf
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of devices must be a positive integer, got {n!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    existing = tf.config.get_logical_device_configuration(cpu)
+    if existing is None or len(existing) != n:
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"cannot split the CPU into {n} devices: TensorFlow has already "
+                "initialized its devices in this process; configure devices before "
+                "any TensorFlow work") from err
+    return [d.name for d in tf.config.list_logical_devices("CPU")][:n]
+
+
+def mirrored_strategy(n):
+    """A MirroredStrategy over n devices: GPUs when there are n, else n logical CPUs."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= n:
+        devices = [f"/gpu:{i}" for i in range(n)]
+        cross_device_ops = None  # NCCL all-reduce, the default on GPUs
+    else:
+        devices = split_cpu(n)
+        # NCCL is GPU-only; on CPUs reduce through host memory.
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+
+
+def multi_worker_strategy():
+    """The strategy for several hosts: MultiWorkerMirroredStrategy, cluster from TF_CONFIG.
+
+    Each worker runs the same program with TF_CONFIG set, e.g. on worker 0 of two:
+    {"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}
+    Only worker 0 should write the run directory.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def replica_count():
+    """Replicas of the strategy in scope (1 outside any strategy or off TensorFlow)."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def scale_loss(loss):
+    """A per-replica mean loss divided by the replica count.
+
+    Each replica's gradient is summed by the all-reduce, so the sum of the
+    scaled per-replica means is the global batch's mean: the gradient of a
+    step equals the single-device one. Keras does this for losses given to
+    compile(); a model computing its own loss must do it itself.
+    """
+    n = replica_count()
+    return loss if n == 1 else loss * (1.0 / n)
