@@ -18,6 +18,7 @@ import os
 import warnings
 
 import keras
+import numpy as np
 
 ACTIONS = ("warn", "skip", "stop")
 
@@ -186,8 +187,8 @@ class BadSteps(_Watch):
 class StepBackup(keras.callbacks.BackupAndRestore):
     """`BackupAndRestore` that saves every `save_freq` steps, atomically, and knows the step.
 
-    Each save writes a fresh weights file (model and optimizer state,
-    including the layers' seed generators) and then atomically replaces
+    Each save writes fresh files (model and optimizer state, and the
+    states of the layers' random seed generators) and then atomically replaces
     `training_metadata.json`, which names it, so a process killed at any
     moment leaves a consistent checkpoint. The metadata also records the
     global step, so a caller that skips that many batches of a seeded input
@@ -227,6 +228,15 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        if meta.get("seeds"):
+            with np.load(os.path.join(self.backup_dir, meta["seeds"])) as saved:
+                states = self._seed_states()
+                if len(saved.files) != len(states):
+                    raise ValueError(f"{self.backup_dir}: the checkpoint has {len(saved.files)} "
+                                     f"random-seed states, this model {len(states)}; it is "
+                                     "not this model's checkpoint")
+                for i, state in enumerate(states):
+                    state.assign(saved[f"seed_{i}"])
         self.model._initial_epoch = int(meta["epoch"]) or None
         self.step = self.restored_step = int(meta["step"])
         self._current_epoch = int(meta["epoch"])
@@ -249,8 +259,12 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         name = f"step-{self.step:09d}.weights.h5"
         path = os.path.join(self.backup_dir, name)
         self.model.save_weights(path, overwrite=True)
+        seeds = f"step-{self.step:09d}.seeds.npz"
+        np.savez(os.path.join(self.backup_dir, seeds),
+                 **{f"seed_{i}": keras.ops.convert_to_numpy(v)
+                    for i, v in enumerate(self._seed_states())})
         meta = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                "step": self.step, "weights": name}
+                "step": self.step, "weights": name, "seeds": seeds}
         tmp = os.path.join(self.backup_dir, "training_metadata.json.partial")
         with open(tmp, "w") as f:
             json.dump(meta, f)
@@ -258,8 +272,14 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.backup_dir, "training_metadata.json"))
         if old is not None and old["weights"] != name:
-            try:
-                os.remove(os.path.join(self.backup_dir, old["weights"]))
-            except FileNotFoundError:
-                pass
+            for key in ("weights", "seeds"):
+                try:
+                    os.remove(os.path.join(self.backup_dir, old[key]))
+                except (FileNotFoundError, KeyError):
+                    pass
+
+    def _seed_states(self):
+        # save_weights leaves out the seed generators (Hutchinson noise,
+        # dequantization); an exact resume needs their states too.
+        return [v for v in self.model.variables if v.name == "seed_generator_state"]
 
