@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import weakref
@@ -215,11 +216,13 @@ def _eval_fn(model, midpoint):
     return fns[midpoint]
 
 
-def log_prob_batches(model, x, batch_size=500, midpoint=False):
+def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
     """log p of every row of x with the model's evaluation solver; (log_p, mean NFE, status).
 
     For image models `midpoint=True` dequantizes with u = 0.5 instead of
-    uniform noise (the "clean" figure).
+    uniform noise (the "clean" figure). A solve that stops short of T
+    (max_steps, step underflow) raises a ValueError naming the batch, unless
+    strict=False: then the worst status is returned.
     """
     from keras_rnode.solvers.solution import Status
 
@@ -242,7 +245,14 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False):
         batch = np.asarray(x[start:start + batch_size], np.float32)
         out.append(fn(batch).numpy())
         nfes.append(sum(int(b.stats["nfe"].numpy()) for b in model.blocks))
-        status = max(status, max(int(b.stats["status"].numpy()) for b in model.blocks))
+        batch_status = max(int(b.stats["status"].numpy()) for b in model.blocks)
+        if strict and batch_status != Status.SUCCESS:
+            raise ValueError(
+                f"the evaluation solve of batch {start // batch_size} (rows {start} to "
+                f"{start + len(batch) - 1}) ended with status {Status.name(batch_status)} "
+                f"after {nfes[-1]} function evaluations; its log-densities would be wrong. "
+                "Raise --max-steps or loosen the evaluation tolerances")
+        status = max(status, batch_status)
     return np.concatenate(out), float(np.mean(nfes)), Status.name(status)
 
 
@@ -323,7 +333,8 @@ def plot_density(model, x, path, batch_size=500, resolution=80):
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], resolution),
                          np.linspace(lo[1], hi[1], resolution))
     grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
-    log_p, _, _ = log_prob_batches(model, grid, batch_size)
+    # A picture: far from the data a solve may give up; show what it has.
+    log_p, _, _ = log_prob_batches(model, grid, batch_size, strict=False)
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     axes[0].hist2d(x[:, 0], x[:, 1], bins=resolution, range=[[lo[0], hi[0]], [lo[1], hi[1]]])
@@ -386,6 +397,89 @@ def _warn_on_solver_status(model, when):
     if status != Status.SUCCESS:
         click.echo(f"warning: in {when} the solver ended with status {Status.name(status)}; "
                    "raise --max-steps or loosen the tolerances", err=True)
+
+
+CHECKPOINT_DIR = "checkpoint"
+OPTIONS_FILE = "options.json"
+# Options a resumed run may change: what to do on trouble, and how it shows.
+RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
+                     "on_max_steps", "nfe_limit", "on_nfe_limit")
+
+
+def _resume_options(opts):
+    """With --resume, the interrupted run's options (plus the few a resume may change)."""
+    if not opts["resume"]:
+        return opts
+    if not opts["out"]:
+        raise click.UsageError("--resume needs --out RUN_DIR, the run to continue")
+    path = os.path.join(opts["out"], CHECKPOINT_DIR, OPTIONS_FILE)
+    if not os.path.isfile(path):
+        raise click.ClickException(f"nothing to resume: {path} does not exist")
+    with open(path) as f:
+        saved = json.load(f)
+    ctx = click.get_current_context()
+    for key, value in opts.items():
+        given = ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE
+        value = list(value) if isinstance(value, tuple) else value
+        if given and key not in RESUME_MAY_CHANGE and saved.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise click.UsageError(f"--resume continues the run with its own options; "
+                                   f"{flag} was {saved.get(key)!r}, drop {flag}")
+    merged = {**opts, **{k: v for k, v in saved.items() if k not in RESUME_MAY_CHANGE}}
+    if isinstance(merged.get("hidden"), list):
+        merged["hidden"] = tuple(merged["hidden"])
+    return merged
+
+
+def _resume_hint(out):
+    from keras_rnode.callbacks import StepBackup
+
+    step = StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
+    if step is None:
+        return "no checkpoint was saved (see --checkpoint-every)"
+    return f"`rnode train --resume --out {out}` continues from the checkpoint at step {step}"
+
+
+def _guarded(model, opts, optimizer):
+    """The optimizer, wrapped so that steps with NaN/inf (or a failed solve) are not applied."""
+    from keras_rnode.optimizers import SkipBadSteps
+
+    guard = model.solves_succeeded if opts["on_max_steps"] != "warn" else None
+    return SkipBadSteps(optimizer, guard=guard)
+
+
+def _fit(model, x_train, out, opts):
+    """Train as the options say, checkpointing into the run directory: (history, resumed, stop)."""
+    from keras_rnode import callbacks
+    from keras_rnode.datasets import make_dataset
+    from keras_rnode.resumable import fit_resumable
+
+    checkpoint = os.path.join(out, CHECKPOINT_DIR)
+    if not opts["resume"]:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # --overwrite: start over
+        os.makedirs(checkpoint)
+        _json_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+                   os.path.join(checkpoint, OPTIONS_FILE))
+    steps, batch = opts["steps"], opts["batch_size"]
+    # One seeded stream of batches for the whole run, so a resumed run can
+    # skip exactly the batches already trained on.
+    stream = make_dataset(x_train, batch, seed=opts["seed"], repeat=True)
+    watches = [callbacks.BadSteps("skip" if opts["on_nan"] == "skip" else "stop"),
+               callbacks.SolverFailures(opts["on_max_steps"])]
+    if opts["nfe_limit"]:
+        watches.append(callbacks.NFEWatch(opts["nfe_limit"],
+                                          stop=opts["on_nfe_limit"] == "stop"))
+    try:
+        history, resumed = fit_resumable(
+            model, stream.skip, steps or len(x_train) // batch,
+            1 if steps else (opts["epochs"] or 10), checkpoint,
+            opts["checkpoint_every"] or 2**62, callbacks=watches,
+            verbose=0 if opts["quiet"] else 1)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; {_resume_hint(out)}", err=True)
+        raise click.exceptions.Exit(130) from None
+    stop = next((w.stop_reason for w in watches if w.stop_reason), None)
+    return history, resumed, stop
 
 
 def _json_dump(obj, path):
@@ -504,6 +598,24 @@ SOLVERS = click.Choice(["dopri5", "rk4", "euler"])
               help="Run directory.  [default: runs/DATASET]")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--checkpoint-every", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Save a resumable checkpoint in RUN_DIR/checkpoint every N steps (0: "
+                   "never); an interrupted run loses at most N steps.")
+@click.option("--resume", is_flag=True,
+              help="Continue the interrupted run in --out from its last checkpoint, with "
+                   "its options; the result equals an uninterrupted run's.")
+@click.option("--on-nan", default="stop", show_default=True, type=click.Choice(["skip", "stop"]),
+              help="A step with a NaN or inf loss or gradient is never applied; skip it and "
+                   "go on, or stop (the model keeps its last good weights).")
+@click.option("--on-max-steps", default="warn", show_default=True,
+              type=click.Choice(["warn", "skip", "stop"]),
+              help="A training solve that hits --max-steps: count and warn per epoch, skip "
+                   "the step too, or stop before applying it.")
+@click.option("--nfe-limit", default=None, type=click.IntRange(min=1),
+              help="Warn (or, with --on-nfe-limit stop, stop) when a training step's NFE "
+                   "exceeds this.")
+@click.option("--on-nfe-limit", default="warn", show_default=True,
+              type=click.Choice(["warn", "stop"]))
 @friendly_errors
 def train(**opts):
     """Train an RNODE model and write a run directory.
@@ -523,6 +635,7 @@ def train(**opts):
     import keras
 
     start = time.perf_counter()
+    opts = _resume_options(opts)
     out, name = _checked_run_dir(opts)
     toy = opts["dataset"] in _toy_names()
     x_train, levels = load_data(opts["dataset"], "train", opts["n_train"] if toy else None,
@@ -530,28 +643,27 @@ def train(**opts):
     x_test, _ = load_data(opts["dataset"], "test", opts["n_test"], seed=opts["seed"])
     keras.utils.set_random_seed(opts["seed"])
     model, derived = _model_from_options(opts, tuple(x_train.shape[1:]), levels)
-    model.compile(optimizer=keras.optimizers.Adam(opts["lr"]), jit_compile=opts["jit"])
+    model.compile(optimizer=_guarded(model, opts, keras.optimizers.Adam(opts["lr"])),
+                  jit_compile=opts["jit"])
 
-    from keras_rnode.datasets import make_dataset
-
-    steps = opts["steps"]
-    data = make_dataset(x_train, opts["batch_size"], seed=opts["seed"], repeat=bool(steps))
     fit_start = time.perf_counter()
-    history = model.fit(
-        data, epochs=1 if steps else (opts["epochs"] or 10), steps_per_epoch=steps,
-        verbose=0 if opts["quiet"] else 1, shuffle=False,  # make_dataset shuffles
-        callbacks=[keras.callbacks.TerminateOnNaN()])
+    history, resumed, stop_reason = _fit(model, x_train, out, opts)
     train_seconds = time.perf_counter() - fit_start
-    history = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    if any(not np.isfinite(vs[-1]) for vs in history.values() if vs):
-        raise click.ClickException("training diverged (a NaN or inf loss); try a smaller "
-                                   "--lr or tighter tolerances")
-    _warn_on_solver_status(model, "the last training step")
+    history = {k: [float(v) for v in vs] for k, vs in history.items()}
 
     os.makedirs(out, exist_ok=True)
     partial = os.path.join(out, ".partial." + MODEL_FILE)
     model.save(partial)
     os.replace(partial, os.path.join(out, MODEL_FILE))
+    if stop_reason is not None:
+        _json_dump({"stopped": stop_reason, "resumed_from_step": resumed,
+                    "train": {k: vs[-1] for k, vs in history.items() if vs}},
+                   os.path.join(out, METRICS_FILE))
+        _json_dump(history, os.path.join(out, HISTORY_FILE))
+        raise click.ClickException(
+            f"training stopped: {stop_reason}. {out}/{MODEL_FILE} holds the last good weights; "
+            f"{_resume_hint(out)}")
+    shutil.rmtree(os.path.join(out, CHECKPOINT_DIR), ignore_errors=True)
 
     result = evaluate_model(model, x_test, opts["eval_batch_size"])
     if toy:
@@ -571,6 +683,7 @@ def train(**opts):
         "train": {k: vs[-1] for k, vs in history.items() if vs},
         "test": result,
         "train_seconds": round(train_seconds, 3),
+        "resumed_from_step": resumed,
         "wall_seconds": round(time.perf_counter() - start, 3),
     }
     _json_dump(metrics, os.path.join(out, METRICS_FILE))
@@ -585,7 +698,18 @@ def _checked_run_dir(opts):
     out = opts["out"] or os.path.join("runs", os.path.splitext(name)[0])
     if os.path.exists(out) and not os.path.isdir(out):
         raise click.ClickException(f"--out {out} is a file, not a run directory")
-    if os.path.exists(os.path.join(out, MODEL_FILE)) and not opts["overwrite"]:
+    from keras_rnode.callbacks import StepBackup
+
+    checkpoint = os.path.join(out, CHECKPOINT_DIR)
+    step = StepBackup.resume_step(checkpoint) if os.path.isdir(checkpoint) else None
+    if opts["resume"]:
+        if step is None:
+            raise click.ClickException(f"nothing to resume: {out} holds no checkpoint")
+    elif step is not None and not opts["overwrite"]:
+        raise click.ClickException(f"{out} holds an interrupted run (checkpoint at step "
+                                   f"{step}); pass --resume to continue it or --overwrite "
+                                   "to start over")
+    elif os.path.exists(os.path.join(out, MODEL_FILE)) and not opts["overwrite"]:
         raise click.ClickException(f"{out} already holds a model; pass --overwrite to "
                                    "replace it, or choose another --out")
     if opts["epochs"] and opts["steps"]:

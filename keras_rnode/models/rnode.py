@@ -85,8 +85,9 @@ class RNODE(keras.Model):
             raise ValueError("RNODE needs a non-empty list of keras_rnode.layers.CNF blocks, "
                              f"got {[type(b).__name__ for b in blocks]}")
         for name, value in (("kinetic", kinetic), ("jacobian", jacobian)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+                    value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.blocks = blocks
         self.kinetic = float(kinetic)
         self.jacobian = float(jacobian)
@@ -128,6 +129,9 @@ class RNODE(keras.Model):
             raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
         if not self.built:  # log_prob / bits_per_dim before any model(x) call
             self.build(tuple(x.shape))
+        elif tuple(x.shape[1:]) != tuple(self.event_shape):
+            raise ValueError(f"the model takes events of shape {tuple(self.event_shape)}, got "
+                             f"x of shape {tuple(x.shape)}")
         if self.dequantize is not None:
             x, _ = self.dequantize(x, training=training, deterministic=deterministic)
         latents, logdet, kinetic, jacobian = self._encode(x, training, regularize)
@@ -245,6 +249,15 @@ class RNODE(keras.Model):
             # Keras's loss tracker would average a skipped step's NaN in. Set
             # as Trainer.compile sets it: outside the layer's state tracking.
             object.__setattr__(self, "_loss_tracker", FiniteMean(name="loss"))
+
+    def fit(self, x=None, *args, **kwargs):
+        # Keras turns arrays into tensors, which _flow cannot check: a NaN
+        # must end the run before its first step, not poison a later one.
+        check_finite(x, "the training data")
+        validation = kwargs.get("validation_data")
+        check_finite(validation[0] if isinstance(validation, tuple) else validation,
+                     "the validation data")
+        return super().fit(x, *args, **kwargs)
 
     @property
     def metrics(self):
