@@ -147,14 +147,33 @@ def load_data(dataset, split, n=None, seed=0):
 
 
 def build_model(event_shape, levels, hidden, blocks, kinetic, jacobian, trace, noise,
-                solver, eval_solver, eval_trace, logit_alpha, seed):
-    """An RNODE of `blocks` CNF blocks (MLP dynamics for flat data, conv for images)."""
+                solver, eval_solver, eval_trace, logit_alpha, seed, architecture="single",
+                layer_type=None):
+    """An RNODE of `blocks` CNF blocks (MLP dynamics for flat data, conv for images).
+
+    architecture="multiscale" (images): FFJORD's multiscale model with
+    `blocks` blocks before and after each squeeze and at the last scale;
+    its conv dynamics are `layer_type` ("concat", the paper's, by default).
+    """
     import keras_rnode as kr
 
+    if architecture == "multiscale":
+        if len(event_shape) != 3:
+            raise ValueError(f"--architecture multiscale needs images, got data of event "
+                             f"shape {event_shape}")
+        return kr.multiscale_rnode(
+            event_shape, channels=hidden, blocks_per_scale=blocks,
+            dynamics=layer_type or "concat", kinetic=kinetic, jacobian=jacobian,
+            levels=levels, logit_alpha=logit_alpha if levels else None, seed=seed,
+            trace=trace, noise=noise, **solver, eval_method=eval_solver["method"],
+            eval_rtol=eval_solver["rtol"], eval_atol=eval_solver["atol"],
+            eval_step_size=eval_solver["step_size"], eval_trace=eval_trace)
+    conv = {"concat": kr.layers.ConcatConvNet,
+            "concatsquash": kr.layers.ConcatSquashConvNet}[layer_type or "concatsquash"]
     cnfs = []
     for i in range(blocks):
         if len(event_shape) == 3:
-            dynamics = kr.layers.ConcatSquashConvNet(channels=hidden)
+            dynamics = conv(channels=hidden)
         elif len(event_shape) == 1:
             dynamics = kr.layers.ConcatSquashMLP(hidden=hidden)
         else:
@@ -543,7 +562,15 @@ SOLVERS = click.Choice(["dopri5", "rk4", "euler"])
               help="Widths of the dynamics net: dense units for flat data, conv channels "
                    "for images, comma-separated.  [default: 64,64,64]")
 @click.option("--blocks", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Number of CNF blocks, each with its own dynamics net.")
+              help="Number of CNF blocks, each with its own dynamics net; multiscale: "
+                   "blocks before and after each squeeze, and at the last scale.")
+@click.option("--architecture", default="single", show_default=True,
+              type=click.Choice(["single", "multiscale"]),
+              help="Images: one chain of CNF blocks, or FFJORD's multiscale model (squeeze, "
+                   "factor out half the channels, repeat; the paper's for MNIST, CIFAR-10).")
+@click.option("--layer-type", default=None, type=click.Choice(["concat", "concatsquash"]),
+              help="Images: conv dynamics, t as an extra channel (concat) or gated by t "
+                   "(concatsquash).  [default: concat multiscale, concatsquash single]")
 @click.option("--kinetic", default=0.01, show_default=True, type=click.FloatRange(min=0),
               help="lambda_K, weight of the kinetic-energy regularizer.")
 @click.option("--jacobian", default=0.01, show_default=True, type=click.FloatRange(min=0),
@@ -583,6 +610,8 @@ SOLVERS = click.Choice(["dopri5", "rk4", "euler"])
 @click.option("--eval-batch-size", default=500, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, callback=_positive,
               help="Adam learning rate.")
+@click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Raise the learning rate linearly over this many steps (the paper: 1000).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds weights, data order, noise; toy data is drawn with it (test: seed+1).")
 @click.option("--n-train", default=100000, show_default=True, type=click.IntRange(min=1),
@@ -592,6 +621,9 @@ SOLVERS = click.Choice(["dopri5", "rk4", "euler"])
                    "image test split]")
 @click.option("--logit-alpha", default=1e-6, show_default=True, type=float,
               help="Images: alpha of the logit transform in front of the flow.")
+@click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Data-parallel training on this many devices (tf.distribute."
+                   "MirroredStrategy): GPUs, or the CPU split into logical devices.")
 @click.option("--jit/--no-jit", default=True, show_default=True,
               help="Compile the training step with XLA (first step slow, then fast).")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
@@ -632,19 +664,36 @@ def train(**opts):
       rnode train --dataset mnist --hidden 64,64,64 --blocks 2 --method rk4 \\
           --step-size 0.25 --batch-size 200 --out runs/mnist
     """
+    import contextlib
+
     import keras
 
     start = time.perf_counter()
     opts = _resume_options(opts)
     out, name = _checked_run_dir(opts)
+    # Devices must be set up before TensorFlow does any work.
+    strategy = _strategy(opts["devices"], opts["batch_size"])
+    if strategy is not None and opts["jit"]:
+        from keras_rnode.backend.distribute import supports_jit
+
+        if not supports_jit(strategy):
+            click.echo("note: XLA cannot compile one step across logical CPU devices; "
+                       "training in graph mode (--no-jit)", err=True)
+            opts["jit"] = False
     toy = opts["dataset"] in _toy_names()
     x_train, levels = load_data(opts["dataset"], "train", opts["n_train"] if toy else None,
                                 seed=opts["seed"])
     x_test, _ = load_data(opts["dataset"], "test", opts["n_test"], seed=opts["seed"])
     keras.utils.set_random_seed(opts["seed"])
-    model, derived = _model_from_options(opts, tuple(x_train.shape[1:]), levels)
-    model.compile(optimizer=_guarded(model, opts, keras.optimizers.Adam(opts["lr"])),
-                  jit_compile=opts["jit"])
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model, derived = _model_from_options(opts, tuple(x_train.shape[1:]), levels)
+        lr = opts["lr"]
+        if opts["warmup_steps"]:
+            from keras_rnode.models.schedules import LinearWarmup
+
+            lr = LinearWarmup(lr, opts["warmup_steps"])
+        model.compile(optimizer=_guarded(model, opts, keras.optimizers.Adam(lr)),
+                      jit_compile=opts["jit"])
 
     fit_start = time.perf_counter()
     history, resumed, stop_reason = _fit(model, x_train, out, opts)
@@ -722,6 +771,21 @@ def _checked_run_dir(opts):
     return out, name
 
 
+def _strategy(devices, batch_size):
+    """None for one device, else a MirroredStrategy over `devices` devices."""
+    if devices == 1:
+        return None
+    if batch_size % devices:
+        raise click.UsageError(f"--batch-size {batch_size} must be divisible by --devices "
+                               f"{devices}: each device takes an equal share")
+    from keras_rnode.backend.distribute import mirrored_strategy
+
+    try:
+        return mirrored_strategy(devices)
+    except RuntimeError as err:
+        raise click.ClickException(_one_line(err)) from None
+
+
 def _model_from_options(opts, event_shape, levels):
     """The RNODE that `rnode train`'s options describe, and the settings they resolve to."""
     trace = opts["trace"]
@@ -739,7 +803,8 @@ def _model_from_options(opts, event_shape, levels):
                        atol=opts["eval_atol"], step_size=opts["eval_step_size"])
     model = build_model(event_shape, levels, hidden, opts["blocks"], opts["kinetic"],
                         opts["jacobian"], trace, opts["noise"], solver, eval_solver,
-                        eval_trace, opts["logit_alpha"], opts["seed"])
+                        eval_trace, opts["logit_alpha"], opts["seed"],
+                        architecture=opts["architecture"], layer_type=opts["layer_type"])
     return model, {"trace": trace, "eval_trace": eval_trace, "hidden": list(hidden)}
 
 

@@ -91,3 +91,10 @@ def scale_loss(loss):
     """
     n = replica_count()
     return loss if n == 1 else loss * (1.0 / n)
+
+
+def supports_jit(strategy):
+    """False for a strategy over logical CPU devices: XLA compiles one training step
+    for one device and then cannot reach the other replicas' variables
+    ("Trying to access resource ... located in device CPU:1 from CPU:0")."""
+    return not any("CPU" in d.upper() for d in strategy.extended.worker_devices)

@@ -1,0 +1,96 @@
+"""Data-parallel training: one step on two logical CPU devices equals one step on one.
+
+The CPU split must happen before TensorFlow initializes its devices, which
+this test process has long done; so each check runs in a fresh Python
+process. The model is noise-free (exact trace, fixed-step RK4, continuous
+data): the replicas' gradients, all-reduced, must then give the same step as
+the whole batch on one device, up to float32 summation order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    from keras_rnode.backend.distribute import mirrored_strategy
+    strategy = mirrored_strategy(2)  # before anything else touches TensorFlow
+    import keras, numpy as np, tensorflow as tf
+    import keras_rnode as kr
+
+    def make():
+        keras.utils.set_random_seed(0)
+        cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(16, 16), zero_init_last=False),
+                            trace="exact", method="rk4", step_size=0.25, gradient="direct")
+        model = kr.RNODE([cnf], kinetic=0.1, jacobian=0.1)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)
+        model.build((None, 2))
+        return model
+
+    x = kr.datasets.toy("pinwheel", 64, seed=0)
+    data = lambda: kr.datasets.make_dataset(x, 64, shuffle=False)
+    out = {"replicas": strategy.num_replicas_in_sync,
+           "devices": [d for d in strategy.extended.worker_devices]}
+    for name, scope in (("one", None), ("two", strategy)):
+        if scope is None:
+            model = make()
+        else:
+            with scope.scope():
+                model = make()
+        before = [np.array(w) for w in model.trainable_weights]
+        h = model.fit(data(), epochs=1, verbose=0).history
+        after = [np.array(w) for w in model.trainable_weights]
+        out[name] = {"loss": h["loss"][0], "nll": h["nll"][0], "kinetic": h["kinetic"][0],
+                     "step": [(a - b).ravel().tolist() for a, b in zip(after, before)]}
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def run_python(code, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_device_step_equals_one_device_step():
+    out = run_python(SCRIPT)
+    result = json.loads(out.split("RESULT ", 1)[1])
+    assert result["replicas"] == 2 and len(set(result["devices"])) == 2
+    one, two = result["one"], result["two"]
+    for key in ("loss", "nll", "kinetic"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
+    # SGD: the weight change is -lr * gradient, so equal steps mean equal gradients.
+    moved = max(np.max(np.abs(s)) for s in one["step"])
+    assert moved > 1e-4
+    for a, b in zip(two["step"], one["step"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * moved)
+
+
+def test_rnode_train_on_two_devices(tmp_path):
+    from click.testing import CliRunner  # noqa: F401  (the CLI runs in a subprocess)
+
+    out = tmp_path / "run"
+    code = textwrap.dedent(f'''
+        import sys
+        from keras_rnode.cli import main
+        sys.exit(main(["train", "--dataset", "8gaussians", "--hidden", "16,16", "--steps",
+                       "2", "--batch-size", "64", "--n-train", "256", "--n-test", "128",
+                       "--method", "rk4", "--step-size", "0.5", "--eval-method", "rk4",
+                       "--eval-step-size", "0.5", "--devices", "2", "--warmup-steps", "10",
+                       "--quiet", "--out", {str(out)!r}]))
+    ''')
+    stdout = run_python(code)
+    assert "nll" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["devices"] == 2 and config["warmup_steps"] == 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["nll"])
