@@ -455,7 +455,8 @@ def _resume_hint(out):
 
     step = StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
     if step is None:
-        return "no checkpoint was saved (see --checkpoint-every)"
+        return (f"no checkpoint was saved yet (--checkpoint-every); `rnode train --resume "
+                f"--out {out}` starts the run again with its options")
     return f"`rnode train --resume --out {out}` continues from the checkpoint at step {step}"
 
 
@@ -482,7 +483,9 @@ def _fit(model, x_train, out, opts):
     steps, batch = opts["steps"], opts["batch_size"]
     # One seeded stream of batches for the whole run, so a resumed run can
     # skip exactly the batches already trained on.
-    stream = make_dataset(x_train, batch, seed=opts["seed"], repeat=True)
+    def stream(start):  # built afresh: a reused one would reshuffle differently
+        return make_dataset(x_train, batch, seed=opts["seed"], repeat=True).skip(start)
+
     watches = [callbacks.BadSteps("skip" if opts["on_nan"] == "skip" else "stop"),
                callbacks.SolverFailures(opts["on_max_steps"])]
     if opts["nfe_limit"]:
@@ -490,7 +493,7 @@ def _fit(model, x_train, out, opts):
                                           stop=opts["on_nfe_limit"] == "stop"))
     try:
         history, resumed = fit_resumable(
-            model, stream.skip, steps or len(x_train) // batch,
+            model, stream, steps or len(x_train) // batch,
             1 if steps else (opts["epochs"] or 10), checkpoint,
             opts["checkpoint_every"] or 2**62, callbacks=watches,
             verbose=0 if opts["quiet"] else 1)
@@ -750,15 +753,15 @@ def _checked_run_dir(opts):
     from keras_rnode.callbacks import StepBackup
 
     checkpoint = os.path.join(out, CHECKPOINT_DIR)
-    step = StepBackup.resume_step(checkpoint) if os.path.isdir(checkpoint) else None
-    if opts["resume"]:
-        if step is None:
-            raise click.ClickException(f"nothing to resume: {out} holds no checkpoint")
-    elif step is not None and not opts["overwrite"]:
+    # The options file is written as a run starts and removed when it ends well.
+    interrupted = os.path.isfile(os.path.join(checkpoint, OPTIONS_FILE))
+    if interrupted and not opts["resume"] and not opts["overwrite"]:
+        step = StepBackup.resume_step(checkpoint) or 0
         raise click.ClickException(f"{out} holds an interrupted run (checkpoint at step "
                                    f"{step}); pass --resume to continue it or --overwrite "
                                    "to start over")
-    elif os.path.exists(os.path.join(out, MODEL_FILE)) and not opts["overwrite"]:
+    elif (os.path.exists(os.path.join(out, MODEL_FILE)) and not opts["overwrite"]
+          and not opts["resume"]):
         raise click.ClickException(f"{out} already holds a model; pass --overwrite to "
                                    "replace it, or choose another --out")
     if opts["epochs"] and opts["steps"]:

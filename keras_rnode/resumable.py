@@ -11,6 +11,8 @@ state and random-seed states all come back, so the final weights equal
 those of an uninterrupted run on the same machine and backend.
 """
 
+import contextlib
+
 from keras_rnode.callbacks import StepBackup
 
 
@@ -37,11 +39,23 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
                   callbacks=(), verbose=1):
     """Train `model` for epochs x steps_per_epoch steps, checkpointing into backup_dir.
 
+    `make_data(start)`: the seeded stream of batches (a tf.data.Dataset)
+    from batch `start` on, built afresh at each call, e.g.
+    `lambda start: make_dataset(x, b, seed=s, repeat=True).skip(start)`: a
+    shuffled dataset reshuffles at each new iterator, so reusing one object
+    for two phases would feed the second a different order.
+
     Continues from the checkpoint in backup_dir if there is one. Returns
     (history: metric -> per-epoch list, the step resumed from or None).
     Training stopped by a callback (`model.stop_training`) ends the run
     early; the checkpoint then stays as it was last saved.
     """
+    if not model.built:  # a checkpoint can only be loaded into a built model
+        spec = make_data(0).element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        strategy = getattr(model, "distribute_strategy", None)  # variables belong in its scope
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            model.build(tuple(spec.shape))
     resumed = StepBackup.resume_step(backup_dir)
     backup = StepBackup(backup_dir, checkpoint_every)
     history = {}

@@ -1,0 +1,225 @@
+"""Interrupted runs: checkpoints every N steps, resume to the same weights, safe export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import hypothesis
+import hypothesis.strategies as st
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import keras_rnode as kr
+from keras_rnode import callbacks
+from keras_rnode.cli import load_model, main
+from keras_rnode.datasets import make_dataset, toy
+from keras_rnode.optimizers import SkipBadSteps
+from keras_rnode.resumable import fit_resumable, phases
+
+# 256 points in batches of 64: 4 steps an epoch. Fast evaluation and picture.
+TINY = ["--dataset", "8gaussians", "--hidden", "8", "--batch-size", "64", "--n-train", "256",
+        "--n-test", "64", "--method", "rk4", "--step-size", "0.5", "--eval-method", "rk4",
+        "--eval-step-size", "0.5", "--eval-batch-size", "64", "--trace", "hutchinson",
+        "--no-jit", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def model_weights(run):
+    return [w.numpy() for w in load_model(run).weights]
+
+
+class InterruptAt(keras.callbacks.Callback):
+    """Ctrl-C after `step` steps of this fit, as a user would press it."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.seen = step, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.step:
+            raise KeyboardInterrupt
+
+
+def test_phases_finish_the_interrupted_epoch_first():
+    assert phases(0, 4, 3) == [(0, 0, 3, 4)]
+    assert phases(6, 4, 3) == [(6, 1, 2, 2), (8, 2, 3, 4)]
+    assert phases(8, 4, 3) == [(8, 2, 3, 4)]
+    assert phases(12, 4, 3) == []
+    with pytest.raises(ValueError, match="outside"):
+        phases(13, 4, 3)
+
+
+def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    args = [*TINY, "--epochs", "3", "--checkpoint-every", "3"]
+    whole = tmp_path / "whole"
+    result = invoke("train", *args, "--out", whole)
+    assert result.exit_code == 0, result.output
+    assert not (whole / "checkpoint").exists()  # a finished run leaves no checkpoint
+
+    # Ctrl-C after step 7 (epoch 2, step 3): the checkpoint of step 6 survives.
+    cut = tmp_path / "cut"
+    original = callbacks.SolverFailures.on_train_batch_end
+    seen = []
+
+    def interrupt(self, batch, logs=None):
+        seen.append(batch)
+        if len(seen) == 7:
+            raise KeyboardInterrupt
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", interrupt)
+    result = invoke("train", *args, "--out", cut)
+    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", original)
+    assert result.exit_code == 130, result.output
+    assert "--resume" in result.output and "step 6" in result.output
+    assert not (cut / "model.keras").exists()
+
+    result = invoke("train", *args, "--out", cut)
+    assert result.exit_code == 1 and "interrupted run" in result.output
+    result = invoke("train", "--resume", "--out", cut, "--lr", "0.5")
+    assert result.exit_code == 2 and "drop --lr" in result.output
+
+    result = invoke("train", "--resume", "--out", cut, "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 6
+    for a, b in zip(model_weights(whole), model_weights(cut)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stopped_run_keeps_its_last_good_weights_and_can_resume(tmp_path, monkeypatch):
+    """--on-nfe-limit stop: the model is written, the reason printed, the checkpoint kept."""
+    run = tmp_path / "run"
+    result = invoke("train", *TINY, "--steps", "5", "--checkpoint-every", "2", "--nfe-limit",
+                    "3", "--on-nfe-limit", "stop", "--out", run)
+    assert result.exit_code == 1
+    assert "training stopped: NFE 8" in result.output and "--resume" in result.output
+    assert (run / "model.keras").exists()
+    assert json.loads((run / "metrics.json").read_text())["stopped"].startswith("NFE 8")
+    # Resuming may change what to do on trouble; the run then finishes.
+    result = invoke("train", "--resume", "--out", run, "--nfe-limit", "100")
+    assert result.exit_code == 0, result.output
+    assert not (run / "checkpoint").exists()
+
+
+@pytest.mark.slow  # the CLI test above covers the same ground through rnode train
+def test_library_resume_restores_weights_optimizer_and_noise(tmp_path):
+    """fit_resumable directly: Hutchinson noise, Adam moments, the data stream."""
+    x = toy("8gaussians", 256, seed=0)
+
+    def run(backup, interrupt=None):
+        keras.utils.set_random_seed(0)
+        cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(8,)), trace="hutchinson",
+                            method="rk4", step_size=0.5, seed=0)
+        model = kr.RNODE([cnf], seed=0)
+        model(x[:2])
+        model.compile(optimizer=SkipBadSteps(keras.optimizers.Adam(1e-2)), jit_compile=False)
+        def stream(start):
+            return make_dataset(x, 64, seed=0, repeat=True).skip(start)
+
+        extra = [InterruptAt(interrupt)] if interrupt else []
+        fit_resumable(model, stream, 4, 2, str(backup), 3, callbacks=extra, verbose=0)
+        return [w.numpy() for w in model.weights]
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupt=5)
+    assert callbacks.StepBackup.resume_step(str(tmp_path / "b")) == 3
+    for a, b in zip(whole, run(tmp_path / "b")):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------- killed processes --
+
+
+def rnode(*args):
+    return subprocess.Popen([sys.executable, "-m", "keras_rnode.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(predicate, proc, timeout=240):
+    start = time.monotonic()
+    while not predicate():
+        assert proc.poll() is None, "the process ended before it could be killed"
+        assert time.monotonic() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_training_process_resumes_to_the_same_weights(tmp_path):
+    args = [*TINY, "--steps", "40", "--checkpoint-every", "4"]
+    whole = tmp_path / "whole"
+    assert invoke("train", *args, "--out", whole).exit_code == 0
+    killed = tmp_path / "killed"
+    proc = rnode("train", *args, "--out", killed)
+    backup = str(killed / "checkpoint")
+    wait_for(lambda: (callbacks.StepBackup.resume_step(backup) or 0) >= 8, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    result = invoke("train", "--resume", "--out", killed)
+    assert result.exit_code == 0, result.output
+    assert json.loads((killed / "metrics.json").read_text())["resumed_from_step"] >= 8
+    for a, b in zip(model_weights(whole), model_weights(killed)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_killed_export_never_leaves_a_half_written_model(tmp_path):
+    run = tmp_path / "run"
+    assert invoke("train", *TINY, "--steps", "2", "--out", run).exit_code == 0
+    out = tmp_path / "exported"
+    assert invoke("export", run, "--out", out).exit_code == 0
+    before = sorted(os.listdir(out))
+    proc = rnode("export", run, "--out", out, "--overwrite")
+    # Kill it while it writes its staging copy.
+    wait_for(lambda: any(n.startswith(".exported.partial-") for n in os.listdir(tmp_path)),
+             proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sorted(os.listdir(out)) == before
+    import tensorflow as tf
+
+    x = np.zeros((3, 2), np.float32)
+    np.testing.assert_allclose(tf.saved_model.load(str(out)).log_prob(x).numpy(),
+                               load_model(run).log_prob(x), rtol=1e-5)
+
+
+# ------------------------------------------------------------------- fuzz --
+
+OPTIONS = ["--dataset", "--hidden", "--blocks", "--steps", "--epochs", "--batch-size", "--lr",
+           "--method", "--step-size", "--rtol", "--max-steps", "--trace", "--noise",
+           "--checkpoint-every", "--on-nan", "--on-max-steps", "--nfe-limit", "--on-nfe-limit",
+           "--n-train", "--seed", "--out", "--eval-method", "--kinetic", "--bogus"]
+VALUES = st.one_of(st.sampled_from(["0", "-1", "1e-3", "nan", "inf", "abc", "", "64,x",
+                                    "skip", "stop", "warn", "rk4", "exact", "missing.npy",
+                                    "8gaussians", "3.5", "99999999999999999999"]),
+                   st.text(max_size=6))
+ARGS = st.lists(st.one_of(st.sampled_from(OPTIONS + ["--resume", "--overwrite", "--jit"]),
+                          VALUES), max_size=8)
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(command=st.sampled_from(["train", "evaluate", "sample", "export"]),
+                  args=ARGS)
+def test_fuzzed_command_lines_end_without_a_traceback(command, args, tmp_path_factory):
+    where = tmp_path_factory.mktemp("fuzz")
+    if command == "train":
+        # Fail fast after every check that needs no data: the data file is missing.
+        tail = ["--out", where / "run", "--dataset", where / "missing.npy"]
+    else:
+        tail = [where / "no-run", "--out", where / "o.npy"] if command != "evaluate" else [
+            where / "no-run"]
+    result = CliRunner().invoke(main, [command, *args, *map(str, tail)])
+    assert result.exit_code in (1, 2), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
