@@ -96,19 +96,26 @@ def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, mon
         np.testing.assert_array_equal(a, b)
 
 
-def test_stopped_run_keeps_its_last_good_weights_and_can_resume(tmp_path, monkeypatch):
-    """--on-nfe-limit stop: the model is written, the reason printed, the checkpoint kept."""
+def test_stopped_run_keeps_its_last_good_weights_and_can_resume(tmp_path):
+    """--on-nan stop: the model is written, the reason printed, the checkpoint kept."""
+    x = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    x[:, 0] *= 1e25  # finite data whose log-density overflows: every loss is inf
+    np.save(tmp_path / "huge.npy", x)
     run = tmp_path / "run"
-    result = invoke("train", *TINY, "--steps", "5", "--checkpoint-every", "2", "--nfe-limit",
-                    "3", "--on-nfe-limit", "stop", "--out", run)
+    args = [*TINY, "--dataset", tmp_path / "huge.npy", "--steps", "3", "--out", run]
+    result = invoke("train", *args)
     assert result.exit_code == 1
-    assert "training stopped: NFE 8" in result.output and "--resume" in result.output
-    assert (run / "model.keras").exists()
-    assert json.loads((run / "metrics.json").read_text())["stopped"].startswith("NFE 8")
-    # Resuming may change what to do on trouble; the run then finishes.
-    result = invoke("train", "--resume", "--out", run, "--nfe-limit", "100")
+    assert "training stopped: a NaN or inf loss or gradient at step 1" in result.output
+    assert "--resume" in result.output
+    initial = model_weights(run)  # the step was not applied
+    assert json.loads((run / "metrics.json").read_text())["stopped"].startswith("a NaN")
+    # Resuming may change what to do on trouble: skipping every step, it finishes.
+    result = invoke("train", "--resume", "--out", run, "--on-nan", "skip")
     assert result.exit_code == 0, result.output
     assert not (run / "checkpoint").exists()
+    assert json.loads((run / "history.json").read_text())["skipped_steps"] == [3]
+    for a, b in zip(initial, model_weights(run)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow  # the CLI test above covers the same ground through rnode train
