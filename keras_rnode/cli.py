@@ -687,6 +687,10 @@ def train(**opts):
     x_train, levels = load_data(opts["dataset"], "train", opts["n_train"] if toy else None,
                                 seed=opts["seed"])
     x_test, _ = load_data(opts["dataset"], "test", opts["n_test"], seed=opts["seed"])
+    if levels and not opts["jit"]:
+        from keras_rnode.backend.graph_options import avoid_addn_rewrite_race
+
+        avoid_addn_rewrite_race()  # see there: a TensorFlow race in graph-mode image steps
     keras.utils.set_random_seed(opts["seed"])
     with strategy.scope() if strategy else contextlib.nullcontext():
         model, derived = _model_from_options(opts, tuple(x_train.shape[1:]), levels)
