@@ -2,8 +2,9 @@
 
 Everything backend-specific that the solver needs sits behind these
 names: a solve whose gradient we define ourselves, a vector-Jacobian
-product with respect to states and variables, and the recorder that keeps
-the accepted steps for the direct gradient.
+product with respect to states and parameters, the Jacobian product of
+the Hutchinson estimator, and the recorder that keeps the accepted steps
+for the direct gradient.
 """
 
 import keras
@@ -19,14 +20,36 @@ if NAME == "tensorflow":
         recorder_write,
         vjp,
     )
-else:  # pragma: no cover - the JAX and PyTorch backends are issue 6
-    raise ImportError(
-        f"keras-rnode runs on the TensorFlow backend for now; KERAS_BACKEND={NAME!r} "
-        "is not supported yet. Set KERAS_BACKEND=tensorflow."
+elif NAME == "jax":
+    from keras_rnode.backend.jax import (
+        differentiable_solve,
+        jacobian_product,
+        recorder_new,
+        recorder_read,
+        recorder_write,
+        vjp,
     )
+elif NAME == "torch":
+    from keras_rnode.backend.torch import (
+        differentiable_solve,
+        jacobian_product,
+        recorder_new,
+        recorder_read,
+        recorder_write,
+        vjp,
+    )
+else:
+    raise ImportError(
+        f"keras-rnode runs on the tensorflow, jax and torch Keras backends; "
+        f"KERAS_BACKEND={NAME!r} is not supported.")
+
+# A custom JAX gradient is a pure function: it cannot report the backward
+# solve's statistics (CNF.stats["backward_nfe"] stays 0 there).
+REPORTS_BACKWARD = NAME != "jax"
 
 __all__ = [
     "NAME",
+    "REPORTS_BACKWARD",
     "differentiable_solve",
     "jacobian_product",
     "recorder_new",

@@ -3,27 +3,33 @@
 import tensorflow as tf
 
 
-def differentiable_solve(forward, backward, y0):
-    """Run forward(y0) -> (y1, stats, residuals) with a gradient of our own.
+def differentiable_solve(func, y0, forward, backward):
+    """forward(func, y0) -> (y1, stats, residuals), with a gradient of our own.
 
-    backward(residuals, y1, grads_y1, variables) -> (grads_y0, grads_vars)
-    is called when a tape asks for gradients; `variables` are the
-    trainable variables the dynamics read during the forward solve. No
-    gradient is ever taken through the solver's loops, so TensorFlow
-    keeps no per-iteration stacks (the cause of XLA's slowness with
-    `maximum_iterations`).
+    backward(func_p, params, residuals, y1, grads_y1) -> (grads_y0,
+    grads_params) runs when a tape asks for gradients. Here `params` are
+    the trainable variables the dynamics read during the forward solve
+    (TensorFlow finds them for us) and func_p(t, y, params) is func, which
+    reads them itself. No gradient is ever taken through the solver's
+    loops, so TensorFlow keeps no per-iteration stacks (the cause of XLA's
+    slowness with `maximum_iterations`). backward=None: no gradient.
     """
     n = len(y0)
+    if backward is None:
+        # On the outputs: a gradient must not reach the weights through the loops.
+        y1, stats, _ = forward(func, y0)
+        return [tf.stop_gradient(v) for v in y1], stats
 
     @tf.custom_gradient
     def run(*y0_):
-        y1, stats, residuals = forward(list(y0_))
+        y1, stats, residuals = forward(func, list(y0_))
 
         def grad(*dys, variables=None):
             dys = [
                 tf.zeros_like(y) if d is None else d for y, d in zip(y1, dys[:n])
             ]
-            grads_y0, grads_vars = backward(residuals, y1, dys, list(variables or []))
+            grads_y0, grads_vars = backward(
+                lambda t, y, params: func(t, y), list(variables or []), residuals, y1, dys)
             if variables is None:
                 return grads_y0
             return grads_y0, grads_vars
@@ -51,15 +57,15 @@ def jacobian_product(fn, z, v):
     return f, tape.gradient(f, z, output_gradients=v)
 
 
-def vjp(fn, primals, cotangents, variables):
-    """fn(primals) -> outputs (a list); returns (outputs, grads_primals, grads_vars)."""
+def vjp(fn, primals, params, cotangents):
+    """fn(primals, params) -> outputs (a list); returns (outputs, grads_primals, grads_params)."""
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(primals)
-        tape.watch(variables)
-        outputs = fn(primals)
+        tape.watch(params)
+        outputs = fn(primals, params)
     grads = tape.gradient(
         outputs,
-        list(primals) + list(variables),
+        list(primals) + list(params),
         output_gradients=cotangents,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )

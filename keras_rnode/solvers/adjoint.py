@@ -14,17 +14,18 @@ from keras_rnode import backend
 from keras_rnode.solvers.integrate import integrate
 
 
-def adjoint_backward(func, tableau, y1, t0, t1, grads_y1, variables, options):
-    """Returns (grads_y0, grads_vars, stats of the backward solve)."""
+def adjoint_backward(func_p, params, tableau, y1, t0, t1, grads_y1, options):
+    """func_p(t, y, params) is the dynamics; returns (grads_y0, grads_params,
+    stats of the backward solve)."""
     n = len(y1)
-    m = len(variables)
+    m = len(params)
 
     def augmented(t, state):
         y, a = state[:n], state[n:2 * n]
-        f, grads_y, grads_v = backend.vjp(lambda y_: func(t, y_), y, a, variables)
-        return [*f, *[-v for v in grads_y], *[-v for v in grads_v]]
+        f, grads_y, grads_p = backend.vjp(lambda y_, p: func_p(t, y_, p), y, params, a)
+        return [*f, *[-v for v in grads_y], *[-v for v in grads_p]]
 
-    state1 = [*y1, *grads_y1, *[ops.zeros(v.shape, v.dtype) for v in variables]]
+    state1 = [*y1, *grads_y1, *[ops.zeros(v.shape, v.dtype) for v in params]]
     controlled = [*options["controlled"], *([True] * n), *([False] * m)]
     state0, stats, _ = integrate(
         augmented, tableau, state1, t1, t0,

@@ -14,8 +14,8 @@ from keras_rnode.solvers.integrate import time_frame
 from keras_rnode.solvers.stepping import rk_step
 
 
-def direct_backward(func, tableau, t0, t1, records, grads_y1, variables):
-    """Returns (grads_y0, grads_vars)."""
+def direct_backward(func_p, params, tableau, t0, t1, records, grads_y1):
+    """func_p(t, y, params) is the dynamics; returns (grads_y0, grads_params)."""
     recorder, count = records
     t0, direction, _ = time_frame(t0, t1, grads_y1[0].dtype)
     n = len(grads_y1)
@@ -28,13 +28,14 @@ def direct_backward(func, tableau, t0, t1, records, grads_y1, variables):
         t = t0 + direction * sh[0]
         h = direction * sh[1]
 
-        def step(y_):
+        def step(y_, p):
+            func = lambda t_, y__: func_p(t_, y__, p)  # noqa: E731
             y_new, _, _ = rk_step(func, tableau, t, y_, h, func(t, y_), with_error=False)
             return y_new
 
-        _, grads_y, grads_v = backend.vjp(step, y, a, variables)
+        _, grads_y, grads_v = backend.vjp(step, y, params, a)
         return i - 1, list(grads_y), [gi + vi for gi, vi in zip(g, grads_v)]
 
-    zeros_v = [ops.zeros(v.shape, v.dtype) for v in variables]
+    zeros_v = [ops.zeros(v.shape, v.dtype) for v in params]
     _, a, g = ops.while_loop(cond, body, (count - 1, list(grads_y1), zeros_v))
     return a[:n], g

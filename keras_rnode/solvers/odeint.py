@@ -33,7 +33,8 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
         error_control: booleans in the structure of y0; False leaves that
             state out of step-size control (default: all controlled).
         on_backward: called with the backward solve's stats dict (adjoint
-            only) when gradients are computed.
+            only) when gradients are computed; not on JAX, whose custom
+            gradients cannot have side effects.
 
     Returns:
         A `Solution` with `y` (structure of y0) and `stats`.
@@ -51,24 +52,21 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
     options = dict(rtol=rtol, atol=atol, max_steps=max_steps, step_size=step_size,
                    controlled=controlled)
 
-    def forward(y0_list):
-        return integrate(flat_func, tableau, y0_list, t0, t1, first_step=first_step,
+    def forward(f, y0_list):
+        return integrate(f, tableau, y0_list, t0, t1, first_step=first_step,
                          record=gradient == "direct", **options)
 
-    if gradient == "none":
-        y1, stats, _ = forward([ops.stop_gradient(v) for v in flat_y0])
-    else:
-        def backward(records, y1, grads_y1, variables):
-            if gradient == "direct":
-                return direct_backward(flat_func, tableau, t0, t1, records, grads_y1,
-                                       variables)
-            grads_y0, grads_v, stats = adjoint_backward(
-                flat_func, tableau, y1, t0, t1, grads_y1, variables, options)
-            if on_backward is not None:
-                on_backward(dict(zip(STAT_NAMES, stats)))
-            return grads_y0, grads_v
+    def backward(func_p, params, records, y1, grads_y1):
+        if gradient == "direct":
+            return direct_backward(func_p, params, tableau, t0, t1, records, grads_y1)
+        grads_y0, grads_p, stats = adjoint_backward(
+            func_p, params, tableau, y1, t0, t1, grads_y1, options)
+        if on_backward is not None and backend.REPORTS_BACKWARD:
+            on_backward(dict(zip(STAT_NAMES, stats)))
+        return grads_y0, grads_p
 
-        y1, stats = backend.differentiable_solve(forward, backward, flat_y0)
+    y1, stats = backend.differentiable_solve(
+        flat_func, flat_y0, forward, None if gradient == "none" else backward)
     return Solution(y=tree.pack_sequence_as(structure, y1),
                     stats=dict(zip(STAT_NAMES, stats)))
 

@@ -1,0 +1,120 @@
+"""PyTorch implementations of the backend hooks.
+
+Keras runs PyTorch eagerly, so the solver's loops are plain Python loops.
+The solve is still one `torch.autograd.Function`: autograd through the
+loops would keep every stage's activations (and differentiate the step
+size controller), where the adjoint and direct gradients keep one state
+per step or none.
+"""
+
+import torch
+
+
+def _parameters(func, y0):
+    """The leaf tensors needing gradients that func reads besides y: its weights.
+
+    TensorFlow's tape and JAX's closure conversion find them for us; here
+    one evaluation at y0 (detached, so the walk stays inside func) is
+    walked back to its AccumulateGrad nodes.
+    """
+    with torch.enable_grad():
+        out = func(torch.zeros((), dtype=y0[0].dtype), [y.detach() for y in y0])
+    found, seen = {}, set()
+    stack = [o.grad_fn for o in out if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            found[id(leaf)] = leaf
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(found.values())
+
+
+class _Solve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, *inputs):
+        func, forward, backward, n = plan
+        y0, params = list(inputs[:n]), list(inputs[n:])
+        y1, stats, residuals = forward(func, y0)
+        ctx.plan, ctx.params, ctx.residuals, ctx.y1 = plan, params, residuals, y1
+        ctx.mark_non_differentiable(*stats)
+        return (*y1, *stats)
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        func, _, backward, n = ctx.plan
+        grads_y1 = [torch.zeros_like(y) if g is None else g
+                    for y, g in zip(ctx.y1, cotangents[:n])]
+        grads_y0, grads_p = backward(
+            lambda t, y, params: func(t, y), ctx.params, ctx.residuals, ctx.y1, grads_y1)
+        return (None, *grads_y0, *grads_p)
+
+
+def differentiable_solve(func, y0, forward, backward):
+    """forward(func, y0) -> (y1, stats, residuals), with a gradient of our own.
+
+    backward(func_p, params, residuals, y1, grads_y1) -> (grads_y0,
+    grads_params): `params` are the weights func reads (found by
+    `_parameters`) and func_p(t, y, params) is func, which reads them
+    itself. backward=None, or nothing to differentiate: no gradient.
+    """
+    n = len(y0)
+    wanted = backward is not None and torch.is_grad_enabled()
+    params = _parameters(func, y0) if wanted else []
+    if not (params or wanted and any(y.requires_grad for y in y0)):
+        with torch.no_grad():
+            y1, stats, _ = forward(func, [y.detach() for y in y0])
+        return list(y1), list(stats)
+    out = _Solve.apply((func, forward, backward, n), *y0, *params)
+    return list(out[:n]), list(out[n:])
+
+
+def jacobian_product(fn, z, v):
+    """(fn(z), v^T J) with J = dfn/dz, by reverse mode as on TensorFlow.
+
+    torch.func's forward mode does not compose with the module hooks
+    Keras layers run; the double-backward product does, and the graph is
+    kept (create_graph) only when an outer gradient will need it.
+    """
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        if not z.requires_grad:
+            z = z.detach().requires_grad_()
+        f = fn(z)
+        (w,) = torch.autograd.grad(f, z, v, create_graph=outer)
+    if not outer:
+        return f.detach(), w.detach()
+    return f, w
+
+
+def vjp(fn, primals, params, cotangents):
+    """fn(primals, params) -> outputs (a list); returns (outputs, grads_primals, grads_params)."""
+    with torch.enable_grad():
+        primals = [p.detach().requires_grad_() for p in primals]
+        outputs = fn(primals, params)
+        live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+        inputs = primals + list(params)
+        grads = torch.autograd.grad(
+            [o for o, _ in live], inputs, [c for _, c in live], allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    return ([o.detach() for o in outputs], grads[: len(primals)], grads[len(primals):])
+
+
+def recorder_new(size, like):
+    """Storage for one tensor per accepted step, for each tensor in `like`."""
+    return [torch.zeros((size, *v.shape), dtype=v.dtype, device=v.device) for v in like]
+
+
+def recorder_write(recorder, index, values, pred):
+    """Write `values` at `index` when `pred` holds (a scalar boolean tensor)."""
+    if bool(pred):
+        for r, v in zip(recorder, values):
+            r[index] = v
+    return recorder
+
+
+def recorder_read(recorder, index):
+    return [r[index] for r in recorder]
