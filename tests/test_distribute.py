@@ -76,8 +76,6 @@ def test_two_device_step_equals_one_device_step():
 
 
 def test_rnode_train_on_two_devices(tmp_path):
-    from click.testing import CliRunner  # noqa: F401  (the CLI runs in a subprocess)
-
     out = tmp_path / "run"
     code = textwrap.dedent(f'''
         import sys
