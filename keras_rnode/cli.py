@@ -219,19 +219,18 @@ _EVAL_FNS = weakref.WeakKeyDictionary()
 
 
 def _eval_fn(model, midpoint):
-    """One traced function per (model, midpoint): log p per sample, eval solver."""
-    import tensorflow as tf
+    """One compiled function per (model, midpoint): log p per sample, eval solver."""
+    from keras_rnode import backend
 
     fns = _EVAL_FNS.setdefault(model, {})
     if midpoint not in fns:
-        spec = [tf.TensorSpec((None, *model.event_shape), tf.float32)]
         if midpoint:
             def fn(x):
                 return model._flow(x, False, False, deterministic=True)[0]
         else:
             def fn(x):
                 return model.log_prob(x, training=False)
-        fns[midpoint] = tf.function(fn, input_signature=spec)
+        fns[midpoint] = backend.inference_function(model, fn)
     return fns[midpoint]
 
 
@@ -243,6 +242,8 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
     (max_steps, step underflow) raises a ValueError naming the batch, unless
     strict=False: then the worst status is returned.
     """
+    from keras import ops
+
     from keras_rnode.solvers.solution import Status
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -262,7 +263,7 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
     out, nfes, status = [], [], Status.SUCCESS
     for start in range(0, len(x), batch_size):
         batch = np.asarray(x[start:start + batch_size], np.float32)
-        out.append(fn(batch).numpy())
+        out.append(ops.convert_to_numpy(fn(batch)))
         nfes.append(sum(int(b.stats["nfe"].numpy()) for b in model.blocks))
         batch_status = max(int(b.stats["status"].numpy()) for b in model.blocks)
         if strict and batch_status != Status.SUCCESS:
@@ -824,7 +825,10 @@ def _write_figure(model, x_test, out, opts):
         plot_density(model, x_test, os.path.join(out, figure), opts["eval_batch_size"])
     elif len(event_shape) == 3:
         figure = SAMPLES_FILE
-        save_samples(model.sample(36, seed=opts["seed"]), os.path.join(out, figure),
+        from keras import ops
+
+        save_samples(ops.convert_to_numpy(model.sample(36, seed=opts["seed"])),
+                     os.path.join(out, figure),
                      model.levels)
     for stale in {DENSITY_FILE, SAMPLES_FILE} - {figure}:
         if os.path.exists(os.path.join(out, stale)):
@@ -907,7 +911,9 @@ def sample(run_dir, n, out, seed):
     if not out.endswith((".npy", ".png")):
         raise click.BadParameter(f"must end in .npy or .png, got {out!r}", param_hint="--out")
     model = load_model(run_dir)
-    samples = np.asarray(model.sample(n, seed=seed))
+    from keras import ops
+
+    samples = np.asarray(ops.convert_to_numpy(model.sample(n, seed=seed)))
     save_samples(samples, out, model.levels)
     click.echo(f"{n} samples of shape {tuple(samples.shape[1:])} written to {out}")
 

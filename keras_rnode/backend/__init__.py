@@ -3,8 +3,8 @@
 Everything backend-specific that the solver needs sits behind these
 names: a solve whose gradient we define ourselves, a vector-Jacobian
 product with respect to states and parameters, the Jacobian product of
-the Hutchinson estimator, and the recorder that keeps the accepted steps
-for the direct gradient.
+the Hutchinson estimator, the recorder that keeps the accepted steps
+for the direct gradient, and a compiled inference function.
 """
 
 import keras
@@ -14,6 +14,7 @@ NAME = keras.backend.backend()
 if NAME == "tensorflow":
     from keras_rnode.backend.tensorflow import (
         differentiable_solve,
+        inference_function,
         jacobian_product,
         recorder_new,
         recorder_read,
@@ -23,6 +24,7 @@ if NAME == "tensorflow":
 elif NAME == "jax":
     from keras_rnode.backend.jax import (
         differentiable_solve,
+        inference_function,
         jacobian_product,
         recorder_new,
         recorder_read,
@@ -32,6 +34,7 @@ elif NAME == "jax":
 elif NAME == "torch":
     from keras_rnode.backend.torch import (
         differentiable_solve,
+        inference_function,
         jacobian_product,
         recorder_new,
         recorder_read,
@@ -51,6 +54,7 @@ __all__ = [
     "NAME",
     "REPORTS_BACKWARD",
     "differentiable_solve",
+    "inference_function",
     "jacobian_product",
     "recorder_new",
     "recorder_read",

@@ -73,3 +73,31 @@ def recorder_write(recorder, index, values, pred):
 
 def recorder_read(recorder, index):
     return [r[index] for r in recorder]
+
+
+def inference_function(model, fn):
+    """fn(x) jit-compiled, with the model's state passed in and written back.
+
+    Eager JAX retraces the solver's loops on every call (seconds a batch);
+    a jitted function must not write Keras variables from inside, so the
+    state it changes (solver stats, seed generators) comes out as values.
+    """
+    import keras
+
+    variables = list(model.variables)
+
+    @jax.jit
+    def pure(values, x):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+            out = fn(x)
+        new = [scope.get_current_value(v) for v in variables]
+        return out, [old if n is None else n for old, n in zip(values, new)]
+
+    def run(x):
+        out, values = pure([v.value for v in variables], x)
+        for v, value in zip(variables, values):
+            if not v.trainable:
+                v.assign(value)
+        return out
+
+    return run

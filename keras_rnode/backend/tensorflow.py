@@ -91,3 +91,9 @@ def recorder_write(recorder, index, values, pred):
 
 def recorder_read(recorder, index):
     return [ta.read(index) for ta in recorder]
+
+
+def inference_function(model, fn):
+    """fn(x) traced once for any batch size of the model's events (float32)."""
+    spec = [tf.TensorSpec((None, *model.event_shape), tf.float32)]
+    return tf.function(fn, input_signature=spec)

@@ -118,3 +118,12 @@ def recorder_write(recorder, index, values, pred):
 
 def recorder_read(recorder, index):
     return [r[index] for r in recorder]
+
+
+def inference_function(model, fn):
+    """fn(x) without building an autograd graph."""
+    def run(x):
+        with torch.no_grad():
+            return fn(x)
+
+    return run

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_rnode import backend
 from keras_rnode.backend.distribute import scale_loss
 from keras_rnode.layers.cnf import CNF
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
@@ -101,7 +102,8 @@ class RNODE(keras.Model):
         self.objective_name = "bpd" if levels else "nll"
         self.trackers = {
             name: keras.metrics.Mean(name=name)
-            for name in (self.objective_name, "kinetic", "jacobian", "nfe", "backward_nfe")
+            for name in (self.objective_name, "kinetic", "jacobian", "nfe")
+            + (("backward_nfe",) if backend.REPORTS_BACKWARD else ())
         }
         # Training steps (per epoch) whose solve stopped short of T.
         self.trackers["solver_failures"] = keras.metrics.Sum(name="solver_failures")
@@ -224,16 +226,20 @@ class RNODE(keras.Model):
             if weight is not None:
                 value = ops.where(ops.isfinite(value), value, 0.0)
             self.trackers[name].update_state(value, sample_weight=weight)
+        # The forward solves' stats are read here, not in compute_metrics:
+        # Keras's JAX trainer holds the layers' state only while the loss
+        # is computed.
+        nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)
+        self.trackers["nfe"].update_state(nfe)
+        self.trackers["solver_failures"].update_state(
+            ops.cast(ops.logical_not(self.solves_succeeded()), "float32"))
         # Under a tf.distribute strategy the replicas' gradients are summed.
         return scale_loss(loss)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)
-        self.trackers["nfe"].update_state(nfe)
-        backward = sum(ops.cast(b.stats["backward_nfe"], "float32") for b in self.blocks)
-        self.trackers["backward_nfe"].update_state(backward)
-        self.trackers["solver_failures"].update_state(
-            ops.cast(ops.logical_not(self.solves_succeeded()), "float32"))
+        if "backward_nfe" in self.trackers:  # after the gradient, which sets it
+            backward = sum(ops.cast(b.stats["backward_nfe"], "float32") for b in self.blocks)
+            self.trackers["backward_nfe"].update_state(backward)
         return self.get_metrics_result()
 
     def solves_succeeded(self):

@@ -1,5 +1,6 @@
 """`odeint`: the public entry point of the solver."""
 
+import numpy as np
 from keras import ops
 from keras import tree
 
@@ -95,7 +96,10 @@ def _validate(func, y0, method, rtol, atol, max_steps, gradient, step_size,
         raise ValueError(f"method {method!r} needs a positive step_size, got {step_size!r}")
     if not isinstance(y0, (tuple, list)) and isinstance(y0, (dict,)):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
-    flat = [ops.convert_to_tensor(v) for v in tree.flatten(y0)]
+    # NumPy arrays keep their dtype (Keras's PyTorch backend would make
+    # float64 into float32).
+    flat = [ops.convert_to_tensor(v, dtype=str(v.dtype) if isinstance(v, np.ndarray) else None)
+            for v in tree.flatten(y0)]
     if not flat:
         raise ValueError("y0 must hold at least one tensor")
     dtypes = {str(ops.dtype(v)) for v in flat}
