@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-HEADING = "## Backends: one training step on TensorFlow, JAX and PyTorch; JAX against diffrax (issue 6)"
+HEADING = ("## Backends: one training step on TensorFlow, JAX and PyTorch; JAX against "
+           "diffrax (issue 6), gradient={}")
 ONE_THREAD = {
     "OMP_NUM_THREADS": "1",
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
@@ -97,9 +98,15 @@ def _diffrax_step(cnf, x, tol, adjoint):
         frobenius = sum(jnp.sum(c ** 2, axis=1) for c in columns) / len(columns)
         return (out, -trace, kinetic, frobenius)
 
-    def norm(error):  # z and log p steer the steps, as in ours
-        sq = jnp.sum(error[0] ** 2) + jnp.sum(error[1] ** 2)
-        return jnp.sqrt(sq / (error[0].size + error[1].size))
+    def norm(error):
+        if isinstance(error[0], tuple):
+            # BacksolveAdjoint's backward state (y, a_y, a_params, ...): y and
+            # its adjoint steer, the parameters' adjoint not (as in ours).
+            leaves = jax.tree_util.tree_leaves(error[:2])
+        else:  # z and log p steer the steps, as in ours
+            leaves = [error[0], error[1]]
+        sq = sum(jnp.sum(v ** 2) for v in leaves)
+        return jnp.sqrt(sq / sum(v.size for v in leaves))
 
     zeros = jnp.zeros(x.shape[0], x.dtype)
 
@@ -244,7 +251,7 @@ def main(gradient, batch, tol, repeats, backends, results, no_write, quick, work
             vs_tensorflow=(seconds / reference) if reference else None))
     jax_ours, jax_diffrax = median.get(("jax", "ours")), median.get(("jax", "diffrax"))
     lines = [
-        HEADING, "",
+        HEADING.format(gradient), "",
         f"`{' '.join(['python', 'benchmarks/backends.py', *sys.argv[1:]])}` on "
         f"{datetime.date.today()}, {os.cpu_count()} cores, one thread per worker; "
         f"gradient={gradient}, batch {batch}, dopri5 at {tol:g}, {repeats} interleaved rounds.",
@@ -268,7 +275,7 @@ def main(gradient, batch, tol, repeats, backends, results, no_write, quick, work
     if not no_write:
         from _timing import write_results
 
-        write_results(results, text, HEADING)
+        write_results(results, text, HEADING.format(gradient))
         with open(out_dir / "backends.jsonl", "a") as f:
             f.write(json.dumps(dict(date=str(datetime.date.today()), gradient=gradient,
                                     batch=batch, tol=tol, repeats=repeats, rows=rows)) + "\n")

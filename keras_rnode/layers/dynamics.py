@@ -17,6 +17,8 @@ and a fresh CNF is the identity map.
 import keras
 from keras import ops
 
+from keras_rnode import backend
+
 PACKAGE = "keras_rnode"
 
 # FFJORD's gate and hyper-bias are Linear(1, units) maps, whose default
@@ -42,7 +44,18 @@ def validate_dynamics_output(name, z, dz):
 
 
 def _static_shape(x):
-    return tuple(None if d is None else int(d) for d in x.shape)
+    return tuple(_static_dim(d) for d in x.shape)
+
+
+def _static_dim(d):
+    """An int, or None for an unknown dimension (None in TensorFlow, a
+    symbolic one when JAX exports with a polymorphic batch)."""
+    if d is None:
+        return None
+    try:
+        return int(d)
+    except Exception:  # jax's InconclusiveDimensionOperation is not a TypeError
+        return None
 
 
 def _positive_ints(layer, arg, values):
@@ -116,7 +129,8 @@ class _ConcatSquashDense(keras.layers.Layer):
     def call(self, x, t):
         # (units,) vectors from the scalar t, broadcast against (batch, units).
         gate = ops.sigmoid(self.gate_kernel * t + self.gate_bias)
-        return (ops.matmul(x, self.kernel) + self.bias) * gate + self.hyper_bias * t
+        # backend.matmul: Keras's PyTorch matmul computes float64 in float32.
+        return (backend.matmul(x, self.kernel) + self.bias) * gate + self.hyper_bias * t
 
 
 class _ConcatConv(keras.layers.Layer):

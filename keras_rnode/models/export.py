@@ -18,7 +18,9 @@ Endpoints of the reloaded object (`tf.saved_model.load(path)`):
   figure of images is ``model.bits_per_dim(x, midpoint=True)`` in Keras).
 - ``sample(n)``: n a scalar int32, returns n samples (images as grey levels
   in [0, L-1]), drawing from the first block's seed generator as
-  ``model.sample(n)`` does.
+  ``model.sample(n)`` does. Exported from TensorFlow only: from JAX (through
+  jax2tf) the archive has ``log_prob`` alone, as a count cannot set a shape.
+  PyTorch cannot write a SavedModel: load the .keras file under TensorFlow.
 
 The endpoints are for inference: the solver's custom (adjoint) gradient is
 not saved, so do not differentiate through the reloaded functions.
@@ -35,6 +37,11 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
     import keras
     import tensorflow as tf
 
+    if keras.backend.backend() == "torch":
+        raise ValueError(
+            "a SavedModel cannot be written from the PyTorch backend; save the model "
+            "(model.save('m.keras')) and export it under KERAS_BACKEND=tensorflow or jax: "
+            "the .keras file is the same on every backend")
     if not model.built:
         raise ValueError("the model must be built (called on data) before exporting")
     filepath = os.path.abspath(os.fspath(filepath))
@@ -52,11 +59,13 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
         lambda x: model.log_prob(x, training=False),
         input_signature=[tf.TensorSpec((None, *event_shape), tf.float32, name="x")],
     )
-    archive.add_endpoint(
-        "sample",
-        lambda n: model._sample(n),
-        input_signature=[tf.TensorSpec((), tf.int32, name="n")],
-    )
+    if keras.backend.backend() == "tensorflow":
+        # Under JAX a sample count cannot be a tensor (shapes are static).
+        archive.add_endpoint(
+            "sample",
+            lambda n: model._sample(n),
+            input_signature=[tf.TensorSpec((), tf.int32, name="n")],
+        )
 
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
