@@ -1,6 +1,7 @@
 """TensorFlow implementations of the backend hooks."""
 
 import tensorflow as tf
+from keras import ops
 
 
 def differentiable_solve(func, y0, forward, backward):
@@ -97,3 +98,8 @@ def inference_function(model, fn):
     """fn(x) traced once for any batch size of the model's events (float32)."""
     spec = [tf.TensorSpec((None, *model.event_shape), tf.float32)]
     return tf.function(fn, input_signature=spec)
+
+
+def matmul(x1, x2):
+    """x1 @ x2: Keras's own, which keeps float64 on this backend."""
+    return ops.matmul(x1, x2)

@@ -8,6 +8,7 @@ per step or none.
 """
 
 import torch
+from keras import ops
 
 
 def _parameters(func, y0):
@@ -127,3 +128,16 @@ def inference_function(model, fn):
             return fn(x)
 
     return run
+
+
+def matmul(x1, x2):
+    """x1 @ x2 in the inputs' dtype.
+
+    Keras 3.15's PyTorch `ops.matmul` computes and returns float32 for two
+    float64 inputs (its type promotion maps 64-bit floats to 32 bits off
+    TensorFlow), so a float64 dynamics net would run in float32.
+    """
+    x1, x2 = ops.convert_to_tensor(x1), ops.convert_to_tensor(x2)
+    if x1.dtype != x2.dtype:
+        return ops.matmul(x1, x2)
+    return torch.matmul(x1, x2)

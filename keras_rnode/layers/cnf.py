@@ -118,7 +118,7 @@ class CNF(keras.layers.Layer):
                 f, tr, frobenius = divergence.hutchinson(fn, z, eps)
             out = (f, -tr)
             if regularize:
-                kinetic = 0.5 * ops.mean(ops.square(f), axis=tuple(range(1, len(z.shape))))
+                kinetic = 0.5 * divergence.event_mean(ops.square(f))
                 out += (kinetic, frobenius)
             return out
 
