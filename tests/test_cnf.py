@@ -12,10 +12,13 @@
 - One noise draw per solve, shared by every evaluation; fresh noise for
   the next solve; reproducible from the seed.
 - inverse(forward(x)) == x; a 2-D flow's density integrates to 1 on a
-  grid; log p agrees with tfp.bijectors.FFJORD.
+  grid; log p agrees with tfp.bijectors.FFJORD (TensorFlow only).
+
+Runs under every Keras backend.
 - Weight and input gradients (adjoint and direct) against float64
   finite differences with frozen noise; the same numbers under
-  tf.function(jit_compile=True).
+  every compiled mode of the backend (tf.function with and without XLA,
+  jax.jit).
 - Training vs evaluation solvers, regularizer states, serialization and
   bad input.
 """
@@ -25,24 +28,19 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras import ops
 from scipy import integrate, stats
 from scipy.linalg import expm
 
 import keras_rnode as kr
+from keras_rnode.backend import REPORTS_BACKWARD
 from keras_rnode.layers import CNF, ConcatSquashMLP, divergence
+from tests.backend_utils import BACKEND, MODES, compiled, f64, gradients, np_, tf_only
+
+pytestmark = pytest.mark.backends
 
 NOISES = ("gaussian", "rademacher")
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-def f64(x):
-    return tf.constant(np.asarray(x, dtype="float64"))
-
-
-def np_(x):
-    return keras.ops.convert_to_numpy(x)
 
 
 def log_normal(z):
@@ -72,20 +70,46 @@ class Linear(keras.layers.Layer):
         self.a = np.asarray(a, "float64")
 
     def call(self, t, z):
-        return ops.matmul(z, ops.convert_to_tensor(self.a.T, z.dtype))
+        # einsum, not ops.matmul: Keras's PyTorch matmul computes float64 in float32.
+        return ops.einsum("bj,ij->bi", z, ops.convert_to_tensor(self.a, z.dtype))
 
 
 def make_net(dim, hidden=(8, 8), seed=0, scale=1.0, dtype="float64"):
-    """A ConcatSquashMLP with a random (non-zero) last layer, kernels times `scale`."""
-    keras.utils.set_random_seed(seed)
+    """A ConcatSquashMLP with a random (non-zero) last layer, kernels times `scale`.
+
+    The weights are drawn with NumPy, as the layer's initializers draw them
+    (Glorot-uniform kernels, zero biases, U(-1, 1) time maps): every Keras
+    backend gets the same net.
+    """
     net = ConcatSquashMLP(hidden=hidden, activation="softplus", zero_init_last=False,
                           dtype=dtype)
     net(0.0, np.zeros((1, dim), dtype))
-    if scale != 1.0:
-        for v in net.weights:
-            if "kernel" in v.path and "gate" not in v.path:
-                v.assign(v * scale)
+    rng = np.random.default_rng(seed)
+    for v in net.weights:
+        name = v.path.rsplit("/", 1)[-1]
+        if name == "kernel":
+            limit = math.sqrt(6.0 / sum(v.shape))
+            value = scale * rng.uniform(-limit, limit, v.shape)
+        elif name == "bias":
+            value = np.zeros(v.shape)
+        else:
+            value = rng.uniform(-1.0, 1.0, v.shape)
+        v.assign(value.astype(dtype))
     return net
+
+
+def compiled_layer_fn(layer, fn, mode):
+    """fn(x), calling `layer`, compiled per mode.
+
+    A jitted JAX function must not write Keras variables from inside: there
+    the layer's state goes in and comes back out (the package's own
+    inference wrapper does exactly that).
+    """
+    if BACKEND == "jax" and mode == "jit":
+        from keras_rnode.backend import jax as jax_backend
+
+        return jax_backend.inference_function(layer, fn)
+    return compiled(fn, mode)
 
 
 # --------------------------------------------------------------------------
@@ -176,11 +200,10 @@ def test_hutchinson_estimator_is_unbiased(noise):
 
     # Exact values, checked against the full Jacobian.
     _, tr_exact, fr_exact = (np_(v) for v in divergence.exact(fn, f64(points)))
-    z_var = f64(points)
-    with tf.GradientTape() as tape:
-        tape.watch(z_var)
-        f = fn(z_var)
-    jac = np_(tape.batch_jacobian(f, z_var))
+    # The full Jacobian by reverse mode, one output component at a time (rows
+    # are independent samples, so d sum_b f_b[i] / dz_b is row b's J[i, :]).
+    jac = np.stack([np_(gradients(lambda z_, i=i: ops.sum(fn(z_)[:, i]), [f64(points)])[1][0])
+                    for i in range(dim)], axis=1)
     np.testing.assert_allclose(tr_exact, np.trace(jac, axis1=1, axis2=2), rtol=1e-12)
     np.testing.assert_allclose(fr_exact, np.sum(jac**2, axis=(1, 2)) / dim, rtol=1e-12)
     frobenius_norm = np.sqrt(dim * fr_exact)  # ||J||_F, the scale of the trace noise
@@ -204,7 +227,7 @@ def test_hutchinson_estimator_is_unbiased(noise):
 def test_cnf_hutchinson_matches_exact_in_expectation(noise):
     # A batch of identical rows: one path, a different probe per row.
     dim, n = 2, 4000
-    net = make_net(dim, hidden=(16, 16), seed=8, scale=3.0)
+    net = make_net(dim, hidden=(16, 16), seed=13, scale=3.0)
     x = np.repeat(np.array([[1.0, 0.5]]), n, axis=0)
     kw = dict(rtol=1e-6, atol=1e-6, dtype="float64")
     exact = CNF(net, trace="exact", **kw)
@@ -235,7 +258,14 @@ def test_noise_is_drawn_once_per_solve_and_fixed_within_it(monkeypatch):
     monkeypatch.setattr(cnf, "_noise", lambda x_: draws.append(draw(x_)) or draws[-1])
 
     def recording(fn, z, eps):
-        probes.append(np_(eps))
+        if BACKEND == "jax":
+            # The solver's loop body is traced once: record each evaluation's
+            # probe as it runs.
+            import jax
+
+            jax.debug.callback(lambda e: probes.append(np.asarray(e)), eps)
+        else:
+            probes.append(np_(eps))
         return estimate(fn, z, eps)
 
     monkeypatch.setattr(divergence, "hutchinson", recording)
@@ -246,7 +276,10 @@ def test_noise_is_drawn_once_per_solve_and_fixed_within_it(monkeypatch):
         results.append(np_(dlogp))
         assert len(draws) == solve + 1
         nfe = stats_of(cnf)["nfe"]
-        assert len(probes) == nfe > 6
+        # PyTorch evaluates the dynamics once more, untimed, at t0 to find the
+        # weights the solve's gradient needs (backend.torch._parameters).
+        discovery = 1 if BACKEND == "torch" else 0
+        assert len(probes) == nfe + discovery and nfe > 6
         eps = np_(draws[-1])
         for p in probes:  # every stage of every step, the initial-step probes too
             np.testing.assert_array_equal(p, eps)
@@ -292,11 +325,12 @@ def test_density_integrates_to_one():
     mid = 0.5 * (edges[1:] + edges[:-1])
     grid = np.stack(np.meshgrid(mid, mid, indexing="ij"), -1).reshape(-1, 2)
 
-    @tf.function
     def log_prob(x_):
         z, dlogp = cnf(x_)
-        return -0.5 * tf.reduce_sum(z**2, axis=1) - LOG_2PI - dlogp
+        return -0.5 * ops.sum(z**2, axis=1) - LOG_2PI - dlogp
 
+    log_prob = compiled_layer_fn(cnf, log_prob, "graph" if BACKEND == "tensorflow"
+                                 else MODES[-1])
     logp = np.concatenate([np_(log_prob(f64(b))) for b in np.split(grid, 4)])
     mass = np.exp(logp).sum() * (edges[1] - edges[0]) ** 2
     assert abs(mass - 1.0) < 0.01, mass
@@ -304,7 +338,10 @@ def test_density_integrates_to_one():
     assert np.abs(logp - log_normal(grid)).max() > 0.5
 
 
+@tf_only  # tfp's FFJORD bijector is TensorFlow's
 def test_log_prob_matches_tfp_ffjord():
+    import tensorflow as tf
+
     tfp = pytest.importorskip("tensorflow_probability")
     tfb, tfd = tfp.bijectors, tfp.distributions
     net = make_net(2, seed=10, scale=2.5)
@@ -351,16 +388,46 @@ def _frozen_problem(gradients, tol):
     return net, layers, x
 
 
-def _loss_and_grads(cnf, variables):
-    def run(x_):
-        with tf.GradientTape() as tape:
-            tape.watch(x_)
-            _, dlogp, kinetic, jac = cnf(x_, training=True, regularize=True)
-            loss = tf.reduce_mean(dlogp) + tf.reduce_mean(kinetic) + tf.reduce_mean(jac)
-        return [loss, *tape.gradient(loss, [x_, *variables]), cnf.stats["accepted"],
-                cnf.stats["rejected"]]
+FORWARD_STATS = ("nfe", "accepted", "rejected", "status")
 
-    return run
+
+def _loss_and_grads(cnf, variables, mode="eager"):
+    """x -> [loss, dloss/dx, *dloss/dvariables, nfe, accepted, rejected, status].
+
+    The forward solve's statistics are read where the solve ran: under JAX
+    the layer's state lives in the differentiated function's scope only, so
+    they come out as auxiliary values (the variables go in as arguments, so
+    a jitted function sees their current values).
+    """
+
+    def loss_fn(x_):
+        _, dlogp, kinetic, jac = cnf(x_, training=True, regularize=True)
+        # Sums, not ops.mean: Keras averages float64 in float32 off TensorFlow.
+        return (ops.sum(dlogp) + ops.sum(kinetic) + ops.sum(jac)) / ops.shape(x_)[0]
+
+    if BACKEND == "jax":
+        import jax
+
+        def pure(x_, values):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
+                loss = loss_fn(x_)
+                stats = [scope.get_current_value(cnf.stats[k]) for k in FORWARD_STATS]
+            return loss, stats
+
+        grad = jax.value_and_grad(pure, argnums=(0, 1), has_aux=True)
+
+        def run_values(x_, values):
+            (loss, stats), (g_x, g_v) = grad(x_, values)
+            return [loss, g_x, *g_v, *stats]
+
+        run_values = compiled(run_values, mode)
+        return lambda x_: run_values(x_, [v.value for v in variables])
+
+    def run(x_):
+        loss, (g_x,), g_v = gradients(loss_fn, [x_], variables)
+        return [loss, g_x, *g_v, *(cnf.stats[k].value for k in FORWARD_STATS)]
+
+    return compiled(run, mode)
 
 
 def test_gradients_match_finite_differences():
@@ -368,17 +435,19 @@ def test_gradients_match_finite_differences():
     # differencing an adaptive solve, stay near 1e-11.
     net, layers, x = _frozen_problem(("adjoint", "direct"), tol=1e-11)
     variables = net.trainable_variables
-    runs = {g: tf.function(_loss_and_grads(cnf, variables)) for g, cnf in layers.items()}
+    fast = "graph" if BACKEND == "tensorflow" else MODES[-1]
+    runs = {g: _loss_and_grads(cnf, variables, fast) for g, cnf in layers.items()}
     results = {g: [np_(v) for v in run(x)] for g, run in runs.items()}
-    steps = results["direct"][-2]
-    assert steps > 20 and results["direct"][-1] == 0
+    steps = results["direct"][-3]
+    assert steps > 20 and results["direct"][-2] == 0
     for grads in results.values():
-        assert len(grads) == 2 + len(variables) + 2 and all(np.all(np.isfinite(g))
+        assert len(grads) == 2 + len(variables) + 4 and all(np.all(np.isfinite(g))
                                                             for g in grads)
 
     # Directional derivatives along random directions in (x, weights):
     # fourth-order central differences, h = 1e-4 (truncation ~1e-13).
-    base = [v.numpy() for v in variables]
+    base = [np_(v) for v in variables]
+    x_np = np_(x)
     rng = np.random.default_rng(7)
     h = 1e-4
     for _ in range(2):
@@ -387,32 +456,35 @@ def test_gradients_match_finite_differences():
         for k in (-2, -1, 1, 2):
             for v, b, d in zip(variables, base, dirs[1:]):
                 v.assign(b + k * h * d)
-            out = runs["direct"](x + k * h * dirs[0])
+            out = runs["direct"](f64(x_np + k * h * dirs[0]))
             # The same accepted/rejected pattern: differences of one smooth branch.
-            assert (int(out[-2]), int(out[-1])) == (steps, 0)
+            assert (int(np_(out[-3])), int(np_(out[-2]))) == (steps, 0)
             values[k] = float(out[0])
         for v, b in zip(variables, base):
             v.assign(b)
         fd = (-values[2] + 8 * values[1] - 8 * values[-1] + values[-2]) / (12 * h)
         assert abs(fd) > 1.0
         for gradient, out in results.items():
-            analytic = sum(np.sum(g * d) for g, d in zip(out[1:-2], dirs))
+            analytic = sum(np.sum(g * d) for g, d in zip(out[1:-4], dirs))
             np.testing.assert_allclose(analytic, fd, rtol=1e-9, atol=1e-9, err_msg=gradient)
     # And weight by weight, adjoint and direct agree.
-    for a, d in zip(results["adjoint"][1:-2], results["direct"][1:-2]):
+    for a, d in zip(results["adjoint"][1:-4], results["direct"][1:-4]):
         np.testing.assert_allclose(a, d, rtol=1e-9, atol=1e-10)
 
 
-def test_xla_matches_eager():
+@pytest.mark.parametrize("mode", MODES[-1:])
+def test_compiled_matches_eager(mode):
+    # (PyTorch has the eager mode only: there the test checks the statistics.)
     net, layers, x = _frozen_problem(("adjoint",), tol=1e-5)
     cnf = layers["adjoint"]
-    run = _loss_and_grads(cnf, net.trainable_variables)
-    eager = [np_(v) for v in run(x)]
-    eager_nfe = stats_of(cnf)
-    jit = [np_(v) for v in tf.function(run, jit_compile=True)(x)]
-    assert stats_of(cnf) == eager_nfe and eager_nfe["nfe"] > 6
-    assert eager_nfe["backward_nfe"] > 6  # the adjoint solve ran
-    for a, b in zip(eager, jit):
+    eager = [np_(v) for v in _loss_and_grads(cnf, net.trainable_variables)(x)]
+    eager_stats = dict(zip(FORWARD_STATS, (int(v) for v in eager[-4:])))
+    assert eager_stats["nfe"] > 6 and eager_stats["status"] == kr.Status.SUCCESS
+    if REPORTS_BACKWARD:  # JAX's custom gradient is pure: it reports no statistics
+        assert stats_of(cnf)["backward_nfe"] > 6  # the adjoint solve ran
+    out = [np_(v) for v in _loss_and_grads(cnf, net.trainable_variables, mode)(x)]
+    assert dict(zip(FORWARD_STATS, (int(v) for v in out[-4:]))) == eager_stats
+    for a, b in zip(eager, out):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
 
 
@@ -421,7 +493,7 @@ def test_xla_matches_eager():
 
 
 def test_training_and_evaluation_solvers():
-    net = make_net(2, seed=13, scale=3.0)
+    net = make_net(2, seed=14, scale=3.0)
     cnf = CNF(net, trace="hutchinson", method="rk4", step_size=0.25, eval_method="dopri5",
               eval_rtol=1e-6, eval_atol=1e-6, eval_trace="exact", seed=0, dtype="float64")
     x = np.random.default_rng(8).normal(size=(4, 2))
