@@ -260,3 +260,22 @@ def test_fixed_step_direct_gradient_is_exact(method):
     reference = grads(lambda y: _unrolled(func, y, 0.0, h, steps, method))
     for a, b in zip(ours, reference):
         np.testing.assert_allclose(np_(a), np_(b), rtol=1e-12, atol=1e-14)
+
+
+def test_adjoint_ends_on_nan_instead_of_looping():
+    # A NaN cotangent makes the adjoint's derivatives, and so its first step,
+    # NaN. The backward solve must end at once (step underflow), not
+    # reject its way to max_steps.
+    seen = []
+
+    def loss(y0):
+        sol = kr.odeint(lambda t, y: -y, y0, rtol=1e-6, atol=1e-6, max_steps=100_000,
+                        on_backward=seen.append)
+        return ops.sum(f64([np.nan, 1.0]) * sol.y)
+
+    _, (g,), _ = gradients(loss, [f64([1.0, 2.0])])
+    assert np.isnan(np_(g)).all()  # a failed backward solve gives no gradient
+    if BACKEND != "jax":  # a custom JAX gradient cannot report
+        stats = {k: int(np_(v)) for k, v in seen[0].items()}
+        assert stats["status"] == kr.Status.STEP_UNDERFLOW
+        assert stats["accepted"] + stats["rejected"] < 100

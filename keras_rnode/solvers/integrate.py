@@ -113,7 +113,7 @@ def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
             nfe + per_step,
             accepted + ops.cast(ok, "int32"),
             rejected + ops.cast(~ok, "int32"),
-            ~ok & (h_next <= tiny),
+            ~ok & ~(h_next > tiny),  # a NaN step (from NaN derivatives) too
             ~ok,
             recorder,
         )

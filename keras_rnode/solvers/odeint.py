@@ -8,7 +8,7 @@ from keras_rnode import backend
 from keras_rnode.solvers.adjoint import adjoint_backward
 from keras_rnode.solvers.direct import direct_backward
 from keras_rnode.solvers.integrate import integrate
-from keras_rnode.solvers.solution import Solution
+from keras_rnode.solvers.solution import Solution, Status
 from keras_rnode.solvers.tableaus import TABLEAUS
 
 GRADIENTS = ("adjoint", "direct", "none")
@@ -35,7 +35,8 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
             state out of step-size control (default: all controlled).
         on_backward: called with the backward solve's stats dict (adjoint
             only) when gradients are computed; not on JAX, whose custom
-            gradients cannot have side effects.
+            gradients cannot have side effects. A backward solve that fails
+            (max_steps, step underflow) gives NaN gradients.
 
     Returns:
         A `Solution` with `y` (structure of y0) and `stats`.
@@ -64,7 +65,12 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
             func_p, params, tableau, y1, t0, t1, grads_y1, options)
         if on_backward is not None and backend.REPORTS_BACKWARD:
             on_backward(dict(zip(STAT_NAMES, stats)))
-        return grads_y0, grads_p
+        # A backward solve that stopped short of t0 has no gradient to give:
+        # NaN shows it (and lets a NaN-skipping optimizer skip the step)
+        # where the adjoint reached would pass for one.
+        ok = stats[3] == Status.SUCCESS
+        return tuple([ops.where(ok, g, ops.full_like(g, float("nan"))) for g in grads]
+                     for grads in (grads_y0, grads_p))
 
     y1, stats = backend.differentiable_solve(
         flat_func, flat_y0, forward, None if gradient == "none" else backward)
