@@ -70,8 +70,8 @@ class Linear(keras.layers.Layer):
         self.a = np.asarray(a, "float64")
 
     def call(self, t, z):
-        # einsum, not ops.matmul: Keras's PyTorch matmul computes float64 in float32.
-        return ops.einsum("bj,ij->bi", z, ops.convert_to_tensor(self.a, z.dtype))
+        # The package's matmul: Keras's PyTorch ops.matmul computes float64 in float32.
+        return kr.backend.matmul(z, ops.convert_to_tensor(self.a.T, z.dtype))
 
 
 def make_net(dim, hidden=(8, 8), seed=0, scale=1.0, dtype="float64"):

@@ -33,10 +33,9 @@ def f64_variable(value):
 class Float64MLP:
     """softplus(y W0 + b0) W1 + b1 in float64, with Keras variables.
 
-    Products as broadcast sums, not ops.matmul or Dense: Keras 3.15's
-    PyTorch matmul takes the result type of two torch float64 tensors to
-    be float32 and computes in it (1e-7 errors), which no 1e-10 solve
-    survives. (Softplus: Keras's JAX tanh returns float32.)
+    Through kr.backend.matmul, not ops.matmul or Dense: Keras 3.15's
+    PyTorch matmul computes float64 in float32 (1e-7 errors), which no
+    1e-10 solve survives. (Softplus: Keras's JAX tanh returns float32.)
     """
 
     def __init__(self, dim, hidden, seed):
@@ -50,8 +49,8 @@ class Float64MLP:
 
     def __call__(self, y):
         w0, b0, w1, b1 = self.trainable_variables
-        h = ops.softplus(ops.sum(y[..., :, None] * w0, axis=-2) + b0)
-        return ops.sum(h[..., :, None] * w1, axis=-2) + b1
+        h = ops.softplus(kr.backend.matmul(y, w0) + b0)
+        return kr.backend.matmul(h, w1) + b1
 
 
 # --------------------------------------------------------------------------
