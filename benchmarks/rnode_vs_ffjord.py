@@ -57,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_RESULTS = HERE / "RESULTS.md"
 DEFAULT_OUT = HERE / "results"
 MODELS = ("rnode", "unregularized")
+CLOCKS = {"wall": "wall time", "cpu": "CPU time"}
 TOY_DEFAULT = ("8gaussians", "pinwheel", "checkerboard")
 DIGITS_ALPHA = 0.05  # logit transform's alpha for 17-level digits (RealNVP's choice)
 
@@ -192,6 +193,10 @@ class Run:
         if not math.isfinite(logs["loss"]):
             self.failed = f"non-finite loss at step {self.steps}"
 
+    def elapsed(self, clock):
+        """Training time so far on `clock` ('wall' or 'cpu')."""
+        return self.wall if clock == "wall" else self.cpu
+
     def record(self, dataset):
         eval_s = time.perf_counter()
         objective, eval_nfe = self.evaluate()
@@ -223,13 +228,14 @@ def train_pair(dataset, models, x_train, x_test, args, log):
         log(run.record(dataset))
     order = list(MODELS)
     while True:
-        active = [runs[k] for k in order if runs[k].wall < args["budget_s"] and not runs[k].failed]
+        active = [runs[k] for k in order
+                  if runs[k].elapsed(args["clock"]) < args["budget_s"] and not runs[k].failed]
         if not active:
             break
         for run in active:
             for _ in range(args["eval_every"]):
                 run.step()
-                if run.failed or run.wall >= args["budget_s"]:
+                if run.failed or run.elapsed(args["clock"]) >= args["budget_s"]:
                     break
             log(run.record(dataset))
         order.reverse()
@@ -240,15 +246,15 @@ def train_pair(dataset, models, x_train, x_test, args, log):
 # Summary and plots
 
 
-def first_time_within(records, target):
-    """Wall time of the first record whose NLL is <= target, or None."""
+def first_time_within(records, target, clock):
+    """Training time (on `clock`) of the first record whose NLL is <= target, or None."""
     for r in records:
         if r["nll"] <= target:
-            return r["wall_s"]
+            return r[f"{clock}_s"]
     return None
 
 
-def nfe_note(rnode, unreg, threshold=1.2):
+def nfe_note(rnode, unreg, clock, threshold=1.2):
     """A sentence on when the forward NFE of the two runs came apart (records by step)."""
     by_step = {r["step"]: r["nfe_forward"] for r in rnode}
     paired = [r for r in unreg[1:] if r["step"] in by_step]
@@ -268,23 +274,23 @@ def nfe_note(rnode, unreg, threshold=1.2):
         return text + (f"the unregularized NFE was not above {threshold:g}x RNODE's at the "
                        f"last evaluations ({unreg[-1]['step']} steps).")
     return text + (f"the unregularized NFE stays above {threshold:g}x RNODE's from step "
-                   f"{apart['step']} of {unreg[-1]['step']} ({apart['wall_s']:.0f} s) on.")
+                   f"{apart['step']} of {unreg[-1]['step']} ({apart[f'{clock}_s']:.0f} s) on.")
 
 
-def summarize(dataset, runs, tolerance):
+def summarize(dataset, runs, tolerance, clock):
     rn, un = runs["rnode"].records, runs["unregularized"].records
     target = un[-1]["nll"] + tolerance
-    t_rnode, t_unreg = first_time_within(rn, target), first_time_within(un, target)
+    t_rnode, t_unreg = first_time_within(rn, target, clock), first_time_within(un, target, clock)
 
     def last(records, key):
         return records[-1][key]
 
     return {
         "dataset": dataset, "target": target, "tolerance": tolerance,
-        "nfe_note": nfe_note(rn, un),
+        "nfe_note": nfe_note(rn, un, clock),
         "t_rnode": t_rnode, "t_unreg": t_unreg,
         "time_ratio": ratio(t_unreg, t_rnode),
-        "budget_ratio": ratio(un[-1]["wall_s"], t_rnode),
+        "budget_ratio": ratio(un[-1][f"{clock}_s"], t_rnode),
         "nfe_ratio": ratio(last(un, "nfe_forward"), last(rn, "nfe_forward")),
         "models": {
             kind: {
@@ -294,14 +300,14 @@ def summarize(dataset, runs, tolerance):
                 "nfe_forward": last(run.records, "nfe_forward"),
                 "nfe_backward": last(run.records, "nfe_backward"),
                 "eval_nfe": last(run.records, "eval_nfe"),
-                "step_ms": 1e3 * run.wall / max(run.steps - 1, 1),
+                "step_ms": 1e3 * run.elapsed(clock) / max(run.steps - 1, 1),
             }
             for kind, run in runs.items()
         },
     }
 
 
-def plot(dataset, runs, summary, path, unit):
+def plot(dataset, runs, summary, path, unit, clock):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,7 +318,7 @@ def plot(dataset, runs, summary, path, unit):
     colors = {"rnode": "tab:blue", "unregularized": "tab:orange"}
     fig, (ax_nll, ax_nfe) = plt.subplots(1, 2, figsize=(11, 4.2))
     for kind, run in runs.items():
-        t = [r["wall_s"] for r in run.records]
+        t = [r[f"{clock}_s"] for r in run.records]
         ax_nll.plot(t, [r["nll"] for r in run.records], "o-", ms=3, color=colors[kind],
                     label=kind)
         ax_nfe.plot(t, [r["nfe_forward"] for r in run.records], "o-", ms=3, color=colors[kind],
@@ -329,9 +335,9 @@ def plot(dataset, runs, summary, path, unit):
         top = max(finals) + 0.5 * (max(finals) - min(finals) + 0.1)
         low = min(finals + ([entropy] if entropy is not None else []))
         ax_nll.set_ylim(low - 0.05 * (top - low), top)
-    ax_nll.set(xlabel="training wall time [s]", ylabel=f"held-out {unit}",
+    ax_nll.set(xlabel=f"training {CLOCKS[clock]} [s]", ylabel=f"held-out {unit}",
                title=f"{dataset}: held-out {unit}")
-    ax_nfe.set(xlabel="training wall time [s]", ylabel="NFE per training step",
+    ax_nfe.set(xlabel=f"training {CLOCKS[clock]} [s]", ylabel="NFE per training step",
                title=f"{dataset}: function evaluations")
     for ax in (ax_nll, ax_nfe):
         ax.grid(alpha=0.3)
@@ -363,9 +369,14 @@ def report(args, summaries, wall_s):
         f"Held-out: {args['n_test']} points of toy(name, {args['n_test']}, seed="
         f"{args['seed'] + 1}) (digits: the test split), evaluated every {args['eval_every']} "
         f"steps.")
-    add(f"- Budget: {args['budget_s']:g} s of training wall time per run, the two runs "
+    clock = CLOCKS[args["clock"]]
+    add(f"- Budget: {args['budget_s']:g} s of training {clock} per run, the two runs "
         f"interleaved in one process (K steps each in turn); the first step (trace and "
-        f"compile) and the evaluations are off the clock. Whole run {wall_s / 60:.1f} min. "
+        f"compile) and the evaluations are off the clock. "
+        + ("With one TensorFlow thread a step's CPU time is its wall time on an idle machine, "
+           "and it does not stretch when other work shares the cores. "
+           if args["clock"] == "cpu" else "")
+        + f"Whole run {wall_s / 60:.1f} min. "
         f"Records: `{args['out']}/<dataset>.jsonl`, plots `{args['out']}/<dataset>.png`.")
     add("")
     add("| dataset | model | steps | ms / step | final held-out NLL | best | forward NFE "
@@ -382,11 +393,11 @@ def report(args, summaries, wall_s):
                 f"| {'not reached' if t is None else f'{t:.0f}'} |")
     add("")
     add("Target: the unregularized model's final held-out NLL + "
-        f"{args['tolerance']:g} (nats; bits/dim for digits). Time to target: training wall "
-        f"time at the first evaluation at or below it. Goals: RNODE >= 2x less wall time, "
+        f"{args['tolerance']:g} (nats; bits/dim for digits). Time to target: training {clock} "
+        f"at the first evaluation at or below it. Goals: RNODE >= 2x less time, "
         f">= 2.5x fewer forward NFE.")
     add("")
-    add("| dataset | target | wall time: unregularized / RNODE to target | unregularized "
+    add(f"| dataset | target | {clock}: unregularized / RNODE to target | unregularized "
         "budget / RNODE to target | forward NFE at the end: unregularized / RNODE |")
     add("|---|---:|---:|---:|---:|")
     for s in summaries:
@@ -452,6 +463,9 @@ def _names(ctx, param, value):
 @click.option("--digits", is_flag=True, help="Also train on scikit-learn's 8x8 digits.")
 @click.option("--budget-s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Training wall time per run in seconds (default 120; 8 with --quick).")
+@click.option("--clock", type=click.Choice(sorted(CLOCKS)), default="wall", show_default=True,
+              help="What the budget and the time to target count: the training steps' wall "
+                   "time, or their CPU time (steady on a shared machine with --threads 1).")
 @click.option("--eval-every", type=click.IntRange(1), default=None,
               help="K: training steps between held-out evaluations (default 50; 3 with --quick).")
 @click.option("--batch", type=click.IntRange(1), default=None,
@@ -490,13 +504,13 @@ def _names(ctx, param, value):
 @click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
               help="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def main(names, digits, budget_s, eval_every, batch, lr, lam, tol, gradient, hidden, channels,
+def main(names, digits, budget_s, clock, eval_every, batch, lr, lam, tol, gradient, hidden, channels,
          n_train, n_test, tolerance, jit, out, quick, results, no_write, threads, seed):
     """Train RNODE and an unregularized CNF side by side under one wall-clock budget."""
     threads_label = set_threads(threads)
     started = time.perf_counter()
     args = dict(
-        command=command_line(), budget_s=budget_s or (8.0 if quick else 120.0),
+        command=command_line(), budget_s=budget_s or (8.0 if quick else 120.0), clock=clock,
         eval_every=eval_every or (3 if quick else 50), batch=batch or (64 if quick else 512),
         lr=lr, lam=lam, tol=tol, gradient=gradient, hidden=hidden, channels=channels,
         n_train=min(n_train, 2000) if quick else n_train, n_test=n_test or (500 if quick else 5000),
@@ -526,16 +540,17 @@ def main(names, digits, budget_s, eval_every, batch, lr, lam, tol, gradient, hid
             def log(row, f=f):
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                click.echo(f"  {row['model']:>13} step {row['step']:5d}  {row['wall_s']:7.1f} s  "
+                click.echo(f"  {row['model']:>13} step {row['step']:5d}  {row['wall_s']:7.1f} s wall "
+                           f"{row['cpu_s']:7.1f} s CPU  "
                            f"nll {row['nll']:8.4f}  nfe {row['nfe_forward']:.0f}/"
                            f"{row['nfe_backward']:.0f}", err=True)
 
             runs = train_pair(dataset, models, x_train, x_test,
                               dict(args, jit=args["jit_by_dataset"][dataset]), log)
-            summary = summarize(dataset, runs, tolerance)
+            summary = summarize(dataset, runs, tolerance, clock)
             f.write(json.dumps({"summary": summary}) + "\n")
         unit = "bits/dim" if levels else "NLL [nats]"
-        plot(dataset, runs, summary, out / f"{dataset}.png", unit)
+        plot(dataset, runs, summary, out / f"{dataset}.png", unit, clock)
         summaries.append(summary)
 
     section = report(args, summaries, time.perf_counter() - started)
