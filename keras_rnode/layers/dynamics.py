@@ -117,30 +117,45 @@ class _ConcatSquashDense(keras.layers.Layer):
         self.zero_init = zero_init
 
     def build(self, input_shape):
-        main = "zeros" if self.zero_init else "glorot_uniform"
-        time = "zeros" if self.zero_init else _TIME_INIT
-        n, d = self.units, input_shape[-1]
-        self.kernel = self.add_weight(shape=(d, n), initializer=main, name="kernel")
-        self.bias = self.add_weight(shape=(n,), initializer="zeros", name="bias")
-        self.gate_kernel = self.add_weight(shape=(n,), initializer=time, name="gate_kernel")
-        self.gate_bias = self.add_weight(shape=(n,), initializer=time, name="gate_bias")
-        self.hyper_bias = self.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+        _add_squash_weights(self, (input_shape[-1], self.units))
 
     def call(self, x, t):
-        # (units,) vectors from the scalar t, broadcast against (batch, units).
-        gate = ops.sigmoid(self.gate_kernel * t + self.gate_bias)
         # backend.matmul: Keras's PyTorch matmul computes float64 in float32.
-        return (backend.matmul(x, self.kernel) + self.bias) * gate + self.hyper_bias * t
+        return _squash(self, backend.matmul(x, self.kernel), t)
 
 
-class _ConcatConv(keras.layers.Layer):
-    """Conv over [x, t * ones] (FFJORD's ConcatConv2d), channels-last."""
+def _add_squash_weights(layer, kernel_shape):
+    """The kernel and bias of `layer`, and the gate and hyper-bias that carry t."""
+    n = kernel_shape[-1]
+    main = "zeros" if layer.zero_init else "glorot_uniform"
+    time = "zeros" if layer.zero_init else _TIME_INIT
+    # Creation order fixes the initializers' random draws and the weights' order.
+    layer.kernel = layer.add_weight(shape=kernel_shape, initializer=main, name="kernel")
+    layer.bias = layer.add_weight(shape=(n,), initializer="zeros", name="bias")
+    layer.gate_kernel = layer.add_weight(shape=(n,), initializer=time, name="gate_kernel")
+    layer.gate_bias = layer.add_weight(shape=(n,), initializer=time, name="gate_bias")
+    layer.hyper_bias = layer.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+
+
+def _squash(layer, out, t):
+    """(out + b) * sigmoid(w_g t + b_g) + w_h t, `out` being the kernel applied to x."""
+    # (n,) vectors from the scalar t, broadcast against out's last axis.
+    gate = ops.sigmoid(layer.gate_kernel * t + layer.gate_bias)
+    return (out + layer.bias) * gate + layer.hyper_bias * t
+
+
+class _ConvBlock(keras.layers.Layer):
+    """A channels-last convolution block: `filters` outputs, square kernels."""
 
     def __init__(self, filters, kernel_size, zero_init=False, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.kernel_size = kernel_size
         self.zero_init = zero_init
+
+
+class _ConcatConv(_ConvBlock):
+    """Conv over [x, t * ones] (FFJORD's ConcatConv2d), channels-last."""
 
     def build(self, input_shape):
         k, c = self.kernel_size, input_shape[-1]
@@ -166,31 +181,15 @@ class _ConcatConv(keras.layers.Layer):
         return out + t * time_map + self.bias
 
 
-class _ConcatSquashConv(keras.layers.Layer):
+class _ConcatSquashConv(_ConvBlock):
     """conv(x) * sigmoid(w_g t + b_g) + w_h t (FFJORD's ConcatSquashConv2d)."""
 
-    def __init__(self, filters, kernel_size, zero_init=False, **kwargs):
-        super().__init__(**kwargs)
-        self.filters = filters
-        self.kernel_size = kernel_size
-        self.zero_init = zero_init
-
     def build(self, input_shape):
-        k, n = self.kernel_size, self.filters
-        main = "zeros" if self.zero_init else "glorot_uniform"
-        time = "zeros" if self.zero_init else _TIME_INIT
-        self.kernel = self.add_weight(
-            shape=(k, k, input_shape[-1], n), initializer=main, name="kernel"
-        )
-        self.bias = self.add_weight(shape=(n,), initializer="zeros", name="bias")
-        self.gate_kernel = self.add_weight(shape=(n,), initializer=time, name="gate_kernel")
-        self.gate_bias = self.add_weight(shape=(n,), initializer=time, name="gate_bias")
-        self.hyper_bias = self.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+        k = self.kernel_size
+        _add_squash_weights(self, (k, k, input_shape[-1], self.filters))
 
     def call(self, x, t):
-        gate = ops.sigmoid(self.gate_kernel * t + self.gate_bias)
-        out = ops.conv(x, self.kernel, padding="same") + self.bias
-        return out * gate + self.hyper_bias * t
+        return _squash(self, ops.conv(x, self.kernel, padding="same"), t)
 
 
 # -------------------------------------------------------------- networks --
@@ -283,6 +282,16 @@ def _block_width(block):
     return block.units if hasattr(block, "units") else block.filters
 
 
+def _stack(net, block, widths, name, **kwargs):
+    """Blocks of `widths` named name_0, name_1, ...; the last zeroed if `net` says so."""
+    last = len(widths) - 1
+    return [
+        block(n, zero_init=net.zero_init_last and i == last, dtype=net.dtype_policy,
+              name=f"{name}_{i}", **kwargs)
+        for i, n in enumerate(widths)
+    ]
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class ConcatSquashMLP(_DynamicsNet):
     """FFJORD's ConcatSquash MLP on flat states z of shape (batch, dim).
@@ -300,17 +309,7 @@ class ConcatSquashMLP(_DynamicsNet):
         self.hidden = _positive_ints(type(self).__name__, "hidden", hidden)
 
     def _make_blocks(self, z_shape):
-        widths = self.hidden + (z_shape[-1],)
-        last = len(widths) - 1
-        return [
-            _ConcatSquashDense(
-                n,
-                zero_init=self.zero_init_last and i == last,
-                dtype=self.dtype_policy,
-                name=f"concat_squash_{i}",
-            )
-            for i, n in enumerate(widths)
-        ]
+        return _stack(self, _ConcatSquashDense, self.hidden + (z_shape[-1],), "concat_squash")
 
     def get_config(self):
         config = super().get_config()
@@ -340,18 +339,8 @@ class _ConvNet(_DynamicsNet):
         self.kernel_size = kernel_size
 
     def _make_blocks(self, z_shape):
-        widths = self.channels + (z_shape[-1],)
-        last = len(widths) - 1
-        return [
-            self._block(
-                n,
-                self.kernel_size,
-                zero_init=self.zero_init_last and i == last,
-                dtype=self.dtype_policy,
-                name=f"{self._block_name}_{i}",
-            )
-            for i, n in enumerate(widths)
-        ]
+        return _stack(self, self._block, self.channels + (z_shape[-1],), self._block_name,
+                      kernel_size=self.kernel_size)
 
     def get_config(self):
         config = super().get_config()
