@@ -12,6 +12,7 @@ Scripts import this module as `_timing` (they put their own folder on
 sys.path first, so that it also works when a test loads them by path).
 """
 
+import datetime
 import os
 import platform
 import random
@@ -20,10 +21,50 @@ import shlex
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
+
+import click
+
+# Set on import, before a script imports Keras: the helpers here time
+# TensorFlow.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+THREADS_HELP = "TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default."
 
 # --------------------------------------------------------------------------
 # Setup
+
+
+def common_options(heading, quick, no_write, threads=THREADS_HELP, quick_writes=False):
+    """The click options of every benchmark: --quick, --results, --no-write, --threads, --seed.
+
+    `quick` and `no_write` are those options' help, `heading` the section
+    that --results updates. threads=None leaves out --threads and --seed,
+    for a script whose workers fix their own. quick_writes says in the
+    help that a --quick run writes RESULTS.md too (else see publish).
+    """
+    default = "benchmarks/RESULTS.md" + ("" if quick_writes else "; none with --quick")
+    options = [
+        click.option("--quick", is_flag=True, help=quick),
+        click.option("--results", type=click.Path(dir_okay=False), default=None,
+                     help=f"Markdown file to update under '{heading}' (default {default})."),
+        click.option("--no-write", is_flag=True, help=no_write),
+    ]
+    if threads is not None:
+        options += [
+            click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
+                         help=threads),
+            click.option("--seed", type=int, default=0, show_default=True),
+        ]
+
+    def decorate(command):
+        for option in reversed(options):  # the first option listed first in --help
+            command = option(command)
+        return command
+    return decorate
 
 
 def set_threads(threads):
@@ -147,6 +188,28 @@ def fmt_ratio(x):
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
+
+
+def section_head(heading, command, *packages):
+    """A section's first lines: heading, date, machine with the `packages`' versions, command."""
+    software = ", ".join(f"{p} {version(p)}" for p in packages)
+    return [
+        heading,
+        "",
+        f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        f"- Machine: {machine()}" + (f"; {software}" if software else ""),
+        f"- Command: `{command}`",
+    ]
+
+
+def publish(section, results, quick, no_write, heading=None):
+    """Prints `section` and writes it to --results, by default RESULTS.md but not after --quick."""
+    click.echo(section)
+    if results is None and not quick:
+        results = DEFAULT_RESULTS
+    if results and not no_write:
+        write_results(results, section, heading)
+        click.echo(f"written to {results}", err=True)
 
 
 def write_results(path, section, heading=None):

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+from _timing import DEFAULT_RESULTS, common_options, publish  # noqa: E402
 
 HEADING = ("## Backends: one training step on TensorFlow, JAX and PyTorch; JAX against "
            "diffrax (issue 6), gradient={}")
@@ -205,17 +206,19 @@ def _read(proc, backend):
 @click.option("--tol", default=1e-5, show_default=True)
 @click.option("--repeats", default=15, show_default=True, help="Interleaved rounds.")
 @click.option("--backends", default="tensorflow,jax,torch", show_default=True)
-@click.option("--results", default=str(Path(__file__).parent / "RESULTS.md"), show_default=True)
-@click.option("--no-write", is_flag=True, help="Print only.")
-@click.option("--quick", is_flag=True, help="Smoke run: batch 64, 2 rounds.")
+# No --threads or --seed: every worker runs one thread (ONE_THREAD) on fixed weights.
+# A --quick run writes RESULTS.md too, as this script always did.
+@common_options(HEADING.format("<gradient>"), quick="Smoke run: batch 64, 2 rounds.",
+                no_write="Print only.", threads=None, quick_writes=True)
 @click.option("--worker", default=None, hidden=True)
 @click.option("--weights", default=None, hidden=True)
-def main(gradient, batch, tol, repeats, backends, results, no_write, quick, worker, weights):
+def main(gradient, batch, tol, repeats, backends, quick, results, no_write, worker, weights):
     """Time one training step per backend (and diffrax on JAX), interleaved."""
     if worker:
         return globals()["worker"](worker, gradient, batch, tol, weights)
     if quick:
         batch, repeats = 64, 2
+    results = results or DEFAULT_RESULTS
     names = [b for b in backends.split(",")
              if b == "tensorflow" or find_spec({"jax": "jax", "torch": "torch"}[b])]
     out_dir = Path(results).parent / "results"
@@ -271,11 +274,8 @@ def main(gradient, batch, tol, repeats, backends, results, no_write, quick, work
         lines += ["", f"JAX: keras-rnode / diffrax time per step = "
                       f"{jax_ours / jax_diffrax:.2f} (goal: at most 1.2)."]
     text = "\n".join(lines) + "\n"
-    click.echo(text)
+    publish(text, results, quick, no_write, HEADING.format(gradient))
     if not no_write:
-        from _timing import write_results
-
-        write_results(results, text, HEADING.format(gradient))
         with open(out_dir / "backends.jsonl", "a") as f:
             f.write(json.dumps(dict(date=str(datetime.date.today()), gradient=gradient,
                                     batch=batch, tol=tol, repeats=repeats, rows=rows)) + "\n")

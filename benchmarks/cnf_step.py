@@ -48,7 +48,6 @@ TensorFlow thread. Run `python benchmarks/cnf_step.py --help`; `--quick`
 is a smoke run.
 """
 
-import datetime
 import functools
 import json
 import os
@@ -57,28 +56,27 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, also when loaded by path
+# _timing (which also makes TensorFlow Keras's default backend), also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import (  # noqa: E402
     command_line,
+    common_options,
     compile_all,
     fmt_ms,
     fmt_ratio,
     fmt_us,
-    machine,
+    publish,
     ratio,
     run_once,
+    section_head,
     set_threads,
     time_interleaved,
-    write_results,
 )
 
 HEADING = "## CNF training step (issue 5)"
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 LAMBDA = 0.01  # lambda_K = lambda_J, the paper's values
 LOG_2PI = float(np.log(2 * np.pi))
 
@@ -298,9 +296,6 @@ def run_scaling(steps, batch, seed, weight_scale, repeats, threads, mode):
 
 
 def report(args, timings, outputs, failures, compile_s, scaling, wall_s):
-    import keras
-    import tensorflow_probability as tfp
-
     def med(key, metric="wall"):
         return timings.get(key, metric)
 
@@ -319,14 +314,8 @@ def report(args, timings, outputs, failures, compile_s, scaling, wall_s):
             return None
         return med(key, metric) / sum(nfe[key])
 
-    lines = []
+    lines = section_head(HEADING, args["command"], "keras", "tensorflow-probability")
     add = lines.append
-    add(HEADING)
-    add("")
-    add(f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-    add(f"- Machine: {machine()}; keras {keras.__version__}, "
-        f"tensorflow-probability {tfp.__version__}")
-    add(f"- Command: `{args['command']}`")
     add(f"- Problem: ConcatSquashMLP 3 x 64 softplus on 2-D `toy('8gaussians')`, batch "
         f"{args['batch']}, float32; Glorot kernels x {args['weight_scale']:g}, last layer not "
         f"zeroed (fixed weights, the same for both); Hutchinson trace, one fixed Gaussian probe "
@@ -503,15 +492,9 @@ def _int_list(ctx, param, value):
               show_default=True, help="Mode of the adjoint vs direct section.")
 @click.option("--scaling-repeats", type=click.IntRange(1), default=None,
               help="Timing rounds per n in that section (default 3; 1 with --quick).")
-@click.option("--quick", is_flag=True,
-              help="Smoke run: tiny batch and repeats; results not written unless --results.")
-@click.option("--results", type=click.Path(dir_okay=False), default=None,
-              help=f"Markdown file to update under '{HEADING}' "
-                   "(default benchmarks/RESULTS.md; none with --quick).")
-@click.option("--no-write", is_flag=True, help="Only print the tables.")
-@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
-              help="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@common_options(HEADING,
+                quick="Smoke run: tiny batch and repeats; results not written unless --results.",
+                no_write="Only print the tables.")
 @click.option("--scaling-worker", type=int, default=None, hidden=True,
               help="Internal: run one n of the adjoint vs direct section, print JSON.")
 def main(repeats, batch, tol, weight_scale, tfp_xla, steps, scaling, scaling_mode,
@@ -527,8 +510,6 @@ def main(repeats, batch, tol, weight_scale, tfp_xla, steps, scaling, scaling_mod
     started = time.perf_counter()
     repeats = repeats or (2 if quick else 10)
     steps = steps or ([2, 8] if quick else [4, 16, 64, 256])
-    if results is None and not quick:
-        results = DEFAULT_RESULTS
 
     mlp, x, eps = make_problem(batch, seed, weight_scale)
     variants = build_variants(mlp, x, eps, tol, max_steps=1000, include_tfp_xla=tfp_xla)
@@ -551,10 +532,7 @@ def main(repeats, batch, tol, weight_scale, tfp_xla, steps, scaling, scaling_mod
                 scaling_repeats=scaling_repeats)
     section = report(args, timings, outputs, failures, compile_s, scaling_results,
                      time.perf_counter() - started)
-    click.echo(section)
-    if results and not no_write:
-        write_results(results, section)
-        click.echo(f"written to {results}", err=True)
+    publish(section, results, quick, no_write)
 
 
 if __name__ == "__main__":

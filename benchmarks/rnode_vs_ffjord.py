@@ -36,25 +36,29 @@ Goal: RNODE >= 2x less wall time and >= 2.5x fewer forward NFE.
 Run `python benchmarks/rnode_vs_ffjord.py --help`; `--quick` is a smoke run.
 """
 
-import datetime
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, also when loaded by path
+# _timing (which also makes TensorFlow Keras's default backend), also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import command_line, fmt_ratio, machine, ratio, set_threads, write_results  # noqa: E402
+from _timing import (  # noqa: E402
+    command_line,
+    common_options,
+    fmt_ratio,
+    publish,
+    ratio,
+    section_head,
+    set_threads,
+)
 
 HEADING = "## RNODE vs unregularized (issue 5)"
 HERE = Path(__file__).resolve().parent
-DEFAULT_RESULTS = HERE / "RESULTS.md"
 DEFAULT_OUT = HERE / "results"
 MODELS = ("rnode", "unregularized")
 CLOCKS = {"wall": "wall time", "cpu": "CPU time"}
@@ -349,15 +353,8 @@ def plot(dataset, runs, summary, path, unit, clock):
 
 
 def report(args, summaries, wall_s):
-    import keras
-
-    lines = []
+    lines = section_head(HEADING, args["command"], "keras")
     add = lines.append
-    add(HEADING)
-    add("")
-    add(f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-    add(f"- Machine: {machine()}; keras {keras.__version__}")
-    add(f"- Command: `{args['command']}`")
     add(f"- Setup: 2-D data: ConcatSquashMLP {' x '.join(map(str, args['hidden']))} softplus "
         f"(last layer zero at start), one CNF block, exact trace; digits: ConcatSquashConvNet "
         f"{args['channels']}, Hutchinson trace (exact at evaluation), levels 17, logit alpha "
@@ -495,15 +492,9 @@ def _names(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder of the JSON lines and plots (default benchmarks/results; a "
                    "temporary-looking benchmarks/results/quick with --quick).")
-@click.option("--quick", is_flag=True,
-              help="Smoke run: tiny budget and data; RESULTS.md not written unless --results.")
-@click.option("--results", type=click.Path(dir_okay=False), default=None,
-              help=f"Markdown file to update under '{HEADING}' (default benchmarks/RESULTS.md; "
-                   "none with --quick).")
-@click.option("--no-write", is_flag=True, help="Only print the summary.")
-@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
-              help="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@common_options(HEADING,
+                quick="Smoke run: tiny budget and data; RESULTS.md not written unless --results.",
+                no_write="Only print the summary.")
 def main(names, digits, budget_s, clock, eval_every, batch, lr, lam, tol, gradient, hidden, channels,
          n_train, n_test, tolerance, jit, out, quick, results, no_write, threads, seed):
     """Train RNODE and an unregularized CNF side by side under one wall-clock budget."""
@@ -518,8 +509,6 @@ def main(names, digits, budget_s, clock, eval_every, batch, lr, lam, tol, gradie
         max_steps=1000)
     out = Path(out) if out else (DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
     args["out"] = _shown(out)
-    if results is None and not quick:
-        results = DEFAULT_RESULTS
     datasets = list(names) + (["digits"] if digits else [])
 
     summaries = []
@@ -554,10 +543,7 @@ def main(names, digits, budget_s, clock, eval_every, batch, lr, lam, tol, gradie
         summaries.append(summary)
 
     section = report(args, summaries, time.perf_counter() - started)
-    click.echo(section)
-    if results and not no_write:
-        write_results(results, section)
-        click.echo(f"written to {results}", err=True)
+    publish(section, results, quick, no_write)
 
 
 if __name__ == "__main__":

@@ -34,33 +34,31 @@ Measured:
 Run `python benchmarks/solver.py --help`; `--quick` is a smoke run.
 """
 
-import datetime
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, also when loaded by path
+# _timing (which also makes TensorFlow Keras's default backend), also when loaded by path
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import (  # noqa: E402
     command_line,
+    common_options,
     compile_all,
     fmt_ms,
     fmt_ratio,
     fmt_us,
-    machine,
+    publish,
     ratio,
+    section_head,
     set_threads,
     time_interleaved,
-    write_results,
+    write_results,  # noqa: F401 - the tests reach the shared helper through this script
 )
 
 HEADING = "## Solver (issue 2)"
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 # --------------------------------------------------------------------------
@@ -280,9 +278,6 @@ PER_EVAL = {
 
 
 def report(args, timings, nfe, counts, failures, compile_s, wall_s):
-    import keras
-    import tensorflow_probability as tfp
-
     def med(key, metric="wall"):
         return timings.get(key, metric)
 
@@ -297,14 +292,8 @@ def report(args, timings, nfe, counts, failures, compile_s, wall_s):
             return "-"
         return f"{fmt_ms(med(key))} ({fmt_ms(timings.minimum(key))})"
 
-    lines = []
+    lines = section_head(HEADING, args["command"], "keras", "tensorflow-probability")
     add = lines.append
-    add(HEADING)
-    add("")
-    add(f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-    add(f"- Machine: {machine()}; keras {keras.__version__}, "
-        f"tensorflow-probability {tfp.__version__}")
-    add(f"- Command: `{args['command']}`")
     add(f"- Problem: MLP [z, t] -> 3 x 64 softplus -> 2, kernels N(0, 0.5^2), "
         f"batch {args['batch']}, float32, t: 0 -> 1, dopri5 rtol = atol = {args['tol']:g}; "
         f"loss = mean |y(1)|^2, gradient w.r.t. the {args['n_vars']} weight tensors.")
@@ -455,16 +444,12 @@ def report(args, timings, nfe, counts, failures, compile_s, wall_s):
                    f"multiple of {UNROLL}).")
 @click.option("--tfp-xla/--no-tfp-xla", default=True, show_default=True,
               help="Also try TFP's solver under jit_compile=True.")
-@click.option("--quick", is_flag=True,
-              help="Smoke run: tiny batch and repeats; results not written unless --results.")
-@click.option("--results", type=click.Path(dir_okay=False), default=None,
-              help=f"Markdown file to update under '{HEADING}' "
-                   "(default benchmarks/RESULTS.md; none with --quick).")
-@click.option("--no-write", is_flag=True, help="Only print the table.")
-@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
-              help="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default "
-                   "(all cores). One thread is least disturbed by other work on a shared machine.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@common_options(HEADING,
+                quick="Smoke run: tiny batch and repeats; results not written unless --results.",
+                no_write="Only print the table.",
+                threads="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default "
+                        "(all cores). One thread is least disturbed by other work on a shared "
+                        "machine.")
 def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, threads, seed):
     """Benchmark keras-rnode's dopri5 against TFP's DormandPrince (issue 2)."""
     threads_label = set_threads(threads)
@@ -474,8 +459,6 @@ def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, thread
     n_evals = n_evals or (48 if quick else 480)
     n_evals = max(n_evals // UNROLL, 1) * UNROLL
     max_steps = 1000
-    if results is None and not quick:
-        results = DEFAULT_RESULTS
     command = command_line()
 
     dynamics, variables, y0 = make_problem(batch, seed)
@@ -500,10 +483,7 @@ def main(repeats, batch, tol, n_evals, tfp_xla, quick, results, no_write, thread
                 n_vars=len(variables), threads=threads_label)
     section = report(args, timings, nfe, counts, failures, compile_s,
                      time.perf_counter() - started)
-    click.echo(section)
-    if results and not no_write:
-        write_results(results, section)
-        click.echo(f"written to {results}", err=True)
+    publish(section, results, quick, no_write)
 
 
 if __name__ == "__main__":
