@@ -26,29 +26,26 @@ step-size control, the loop) plus the loss and the tape.
 Run `python benchmarks/step_profile.py --help`; `--quick` is a smoke run.
 """
 
-import datetime
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _timing, cnf_step
+# _timing (which also makes TensorFlow Keras's default backend) and cnf_step
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 from _timing import (  # noqa: E402
     command_line,
+    common_options,
     compile_all,
     fmt_ms,
-    machine,
+    publish,
     run_once,
+    section_head,
     set_threads,
     time_interleaved,
-    write_results,
 )
 
 HEADING = "## Where a CNF training step's time goes (issue 5)"
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 UNROLL = 6  # evaluations per loop iteration, as in a dopri5 step (FSAL)
 
 
@@ -145,11 +142,8 @@ def breakdown(cpu, nfe_forward, nfe_backward, n_forward, n_backward):
 
 def report(args, cpu, wall, nfe, rows, per, total_s):
     step = cpu["step"]
-    lines = [HEADING, ""]
+    lines = section_head(HEADING, args["command"])
     add = lines.append
-    add(f"- Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}")
-    add(f"- Machine: {machine()}")
-    add(f"- Command: `{args['command']}`")
     add(f"- Problem: benchmarks/cnf_step.py's (ConcatSquashMLP 3 x 64 softplus, batch "
         f"{args['batch']}, Hutchinson, dopri5 rtol = atol = {args['tol']:g}, adjoint, both "
         f"regularizers), ours under XLA, TensorFlow threads {args['threads']}; "
@@ -182,14 +176,8 @@ def report(args, cpu, wall, nfe, rows, per, total_s):
 @click.option("--tol", type=float, default=1e-5, show_default=True, help="dopri5 rtol = atol.")
 @click.option("--weight-scale", type=float, default=1.0, show_default=True,
               help="Multiplies the network's kernels, as in cnf_step.py.")
-@click.option("--quick", is_flag=True, help="Smoke run; RESULTS.md not written unless --results.")
-@click.option("--results", type=click.Path(dir_okay=False), default=None,
-              help=f"Markdown file to update under '{HEADING}' (default benchmarks/RESULTS.md; "
-                   "none with --quick).")
-@click.option("--no-write", is_flag=True, help="Only print the report.")
-@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
-              help="TensorFlow intra- and inter-op threads; 0 keeps TensorFlow's default.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@common_options(HEADING, quick="Smoke run; RESULTS.md not written unless --results.",
+                no_write="Only print the report.")
 def main(repeats, batch, tol, weight_scale, quick, results, no_write, threads, seed):
     """Split one CNF training step into the network, its derivatives and the solver."""
     import time
@@ -214,12 +202,7 @@ def main(repeats, batch, tol, weight_scale, quick, results, no_write, threads, s
     wall = {k: timings.get(k) for k in variants}
     rows, per = breakdown(cpu, *nfe, n_forward, n_backward)
     section = report(args, cpu, wall, nfe, rows, per, time.perf_counter() - started)
-    click.echo(section)
-    if results is None and not quick:
-        results = DEFAULT_RESULTS
-    if results and not no_write:
-        write_results(results, section)
-        click.echo(f"written to {results}", err=True)
+    publish(section, results, quick, no_write)
 
 
 if __name__ == "__main__":
