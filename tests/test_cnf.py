@@ -619,3 +619,45 @@ def test_bad_arguments():
     assert "draws no noise" in str(info.value) and "ignored" in str(info.value)
     with pytest.raises(ValueError, match="rank|batch"):
         CNF(net, trace="exact")(np.zeros((3,), "float32"))
+
+
+@pytest.mark.parametrize("kwargs, name, value, allowed", [
+    (dict(rtol=0.0), "rtol", "0.0", "positive finite number"),
+    (dict(atol=-1e-5), "atol", "-1e-05", "positive finite number"),
+    (dict(rtol=float("nan")), "rtol", "nan", "positive finite number"),
+    (dict(atol="1e-5"), "atol", "'1e-5'", "positive finite number"),
+    (dict(method="rk45"), "method", "'rk45'", "['dopri5', 'euler', 'rk4']"),
+    (dict(gradient="backprop"), "gradient", "'backprop'", "('adjoint', 'direct', 'none')"),
+    (dict(max_steps=0), "max_steps", "0", "integer >= 1"),
+    (dict(max_steps=2.5), "max_steps", "2.5", "integer >= 1"),
+    (dict(method="rk4"), "step_size", "None", "positive finite"),
+    (dict(method="rk4", step_size=-0.25), "step_size", "-0.25", "positive finite"),
+    (dict(step_size=0.25), "step_size", "0.25", "['euler', 'rk4']"),
+    (dict(eval_rtol=0.0), "eval_rtol", "0.0", "positive finite number"),
+    (dict(eval_method="midpoint"), "eval_method", "'midpoint'", "['dopri5', 'euler', 'rk4']"),
+    (dict(eval_method="euler"), "eval_step_size", "None", "positive finite"),
+    (dict(method="rk4", step_size=0.25, eval_method="dopri5", eval_step_size=0.1),
+     "eval_step_size", "0.1", "['euler', 'rk4']"),
+    (dict(T=float("inf")), "T", "inf", "positive finite number"),
+    (dict(trace="hutchinsons"), "trace", "'hutchinsons'", "('hutchinson', 'exact')"),
+    (dict(noise="uniform"), "noise", "'uniform'", "('gaussian', 'rademacher')"),
+])
+def test_bad_solver_options_fail_when_made(kwargs, name, value, allowed):
+    # At construction, not at the first call: a model built with a bad
+    # option must not get as far as tracing a training step.
+    with pytest.raises(ValueError) as info:
+        CNF(ConcatSquashMLP(hidden=(4,)), name="block", **kwargs)
+    message = str(info.value)
+    assert message.startswith("block: "), message
+    assert f"{name} " in message or f"{name}=" in message, message
+    assert value in message and allowed in message, message
+
+
+def test_evaluation_solver_defaults_to_the_training_one():
+    net = ConcatSquashMLP(hidden=(4,))
+    cnf = CNF(net, method="rk4", step_size=0.25, eval_method="euler")
+    assert cnf.eval_solver["step_size"] == 0.25  # None: "as in training"
+    cnf = CNF(net, method="rk4", step_size=0.25, eval_method="dopri5", eval_rtol=1e-6)
+    assert (cnf.eval_solver["step_size"], cnf.eval_solver["rtol"]) == (None, 1e-6)
+    cnf = CNF(net, rtol=1e-4)
+    assert cnf.eval_solver == cnf.train_solver

@@ -9,11 +9,15 @@ so that log p(x) = log N(z(T); 0, I) - delta_logp(T). Only z and
 delta_logp steer the step size.
 """
 
+import math
+import numbers
+
 import keras
 from keras import ops
 
 from keras_rnode.layers import divergence
-from keras_rnode.solvers.odeint import odeint
+from keras_rnode.solvers.odeint import check_options, odeint
+from keras_rnode.solvers.tableaus import TABLEAUS
 
 TRACES = ("hutchinson", "exact")
 NOISES = ("gaussian", "rademacher")
@@ -60,8 +64,9 @@ class CNF(keras.layers.Layer):
             raise ValueError(
                 f"{self.name}: noise='rademacher' cannot go with trace='exact': the exact "
                 "trace draws no noise, so the choice of noise would be silently ignored")
-        if not T > 0:
-            raise ValueError(f"{self.name}: T must be positive, got {T!r}")
+        if isinstance(T, bool) or not isinstance(T, numbers.Real) or not (
+                math.isfinite(T) and T > 0):
+            raise ValueError(f"{self.name}: T must be a positive finite number, got {T!r}")
         self.dynamics = dynamics
         self.trace = trace
         self.noise = noise
@@ -69,11 +74,26 @@ class CNF(keras.layers.Layer):
         self.seed = seed
         self.train_solver = dict(method=method, rtol=rtol, atol=atol, step_size=step_size,
                                  max_steps=max_steps, gradient=gradient)
+        # "is None", not "or": an eval_rtol of 0 is an error to report, not
+        # a request for the training tolerance.
+        eval_method = method if eval_method is None else eval_method
+        # None is "as in training" for a fixed step too, which an adaptive
+        # evaluation method must not be given.
+        fixed = isinstance(eval_method, str) and eval_method in TABLEAUS and not TABLEAUS[
+            eval_method].adaptive
+        if eval_step_size is None and fixed:
+            eval_step_size = step_size
         self.eval_solver = dict(
-            method=eval_method or method,
-            rtol=eval_rtol or rtol, atol=eval_atol or atol,
-            step_size=eval_step_size if eval_method else (eval_step_size or step_size),
-            max_steps=max_steps, gradient=gradient)
+            method=eval_method,
+            rtol=rtol if eval_rtol is None else eval_rtol,
+            atol=atol if eval_atol is None else eval_atol,
+            step_size=eval_step_size, max_steps=max_steps, gradient=gradient)
+        eval_names = {arg: f"eval_{arg}" for arg in ("method", "rtol", "atol", "step_size")}
+        for solver, names in ((self.train_solver, None), (self.eval_solver, eval_names)):
+            try:
+                check_options(**solver, names=names)
+            except ValueError as err:
+                raise ValueError(f"{self.name}: {err}") from None
         self.eval_trace = eval_trace or trace
         self.seed_generator = keras.random.SeedGenerator(seed)
 

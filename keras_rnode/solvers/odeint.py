@@ -1,5 +1,8 @@
 """`odeint`: the public entry point of the solver."""
 
+import math
+import numbers
+
 import numpy as np
 from keras import ops
 from keras import tree
@@ -78,28 +81,58 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
                     stats=dict(zip(STAT_NAMES, stats)))
 
 
+def check_options(method="dopri5", rtol=1e-5, atol=1e-5, max_steps=1000, gradient="adjoint",
+                  step_size=None, first_step=None, names=None):
+    """Check odeint's solver options; returns the method's tableau.
+
+    Raises ValueError naming the argument, the value given and what is
+    allowed. Layers that hold solver options (CNF) call it when they are
+    made, so that a bad option fails there and not at the first solve;
+    `names` maps an option to the name their caller knows it by (CNF's
+    "eval_rtol" for rtol).
+    """
+    names = names or {}
+
+    def name(arg):
+        return names.get(arg, arg)
+
+    if not isinstance(method, str) or method not in TABLEAUS:
+        raise ValueError(f"{name('method')} must be one of {sorted(TABLEAUS)}, got {method!r}")
+    tableau = TABLEAUS[method]
+    if gradient not in GRADIENTS:
+        raise ValueError(f"{name('gradient')} must be one of {GRADIENTS}, got {gradient!r}")
+    for arg, value in (("rtol", rtol), ("atol", atol)):
+        if not _positive_finite(value):
+            raise ValueError(f"{name(arg)} must be a positive finite number, got {value!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) \
+            or max_steps < 1:
+        raise ValueError(f"{name('max_steps')} must be an integer >= 1, got {max_steps!r}")
+    if tableau.adaptive:
+        if step_size is not None:
+            raise ValueError(f"{name('step_size')} is for the fixed-step methods "
+                             f"{sorted(m for m, t in TABLEAUS.items() if not t.adaptive)}; "
+                             f"{method!r} chooses its own steps (use first_step), "
+                             f"got {name('step_size')}={step_size!r}")
+        if first_step is not None and not _positive_finite(first_step):
+            raise ValueError(f"{name('first_step')} must be a positive finite number or "
+                             f"None, got {first_step!r}")
+    elif not _positive_finite(step_size):
+        raise ValueError(f"{name('step_size')} must be a positive finite number for the "
+                         f"fixed-step {name('method')} {method!r}, got {step_size!r}")
+    return tableau
+
+
+def _positive_finite(value):
+    # Not bool: True would pass as the number 1.
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
 def _validate(func, y0, method, rtol, atol, max_steps, gradient, step_size,
               first_step, error_control):
     if not callable(func):
         raise ValueError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
-    if method not in TABLEAUS:
-        raise ValueError(f"method must be one of {sorted(TABLEAUS)}, got {method!r}")
-    tableau = TABLEAUS[method]
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
-    if tableau.adaptive:
-        if step_size is not None:
-            raise ValueError(f"step_size is for fixed-step methods; {method!r} "
-                             "chooses its own steps (use first_step)")
-        if first_step is not None and not first_step > 0:
-            raise ValueError(f"first_step must be positive, got {first_step!r}")
-    elif step_size is None or not step_size > 0:
-        raise ValueError(f"method {method!r} needs a positive step_size, got {step_size!r}")
+    tableau = check_options(method, rtol, atol, max_steps, gradient, step_size, first_step)
     if not isinstance(y0, (tuple, list)) and isinstance(y0, (dict,)):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
     # NumPy arrays keep their dtype (Keras's PyTorch backend would make
