@@ -454,6 +454,32 @@ def test_bad_arguments(kwargs, match):
         kr.odeint(_decay, f64([1.0]), **kwargs)
 
 
+@pytest.mark.parametrize("t0, t1, name", [
+    (0.0, float("nan"), "t1"), (float("nan"), 1.0, "t0"), (0.0, float("inf"), "t1"),
+    (float("-inf"), 0.0, "t0"), (np.float64(1.0), np.float64(-np.inf), "t1"),
+])
+@pytest.mark.parametrize("method, kwargs", [("dopri5", {}), ("rk4", dict(step_size=0.1))])
+def test_non_finite_times_raise(t0, t1, name, method, kwargs):
+    # Before: dopri5 returned y0 with status max_steps_reached after no
+    # step at all; rk4 failed inside math.ceil with a message about NaN.
+    for as_tensor in (False, True):
+        if as_tensor:
+            t0, t1 = (ops.convert_to_tensor(np.float64(v), "float64") for v in (t0, t1))
+        with pytest.raises(ValueError, match=f"{name} must be a finite number, got .*(nan|inf)"):
+            kr.odeint(_decay, f64([1.0]), t0, t1, method=method, **kwargs)
+
+
+def test_non_finite_times_raise_while_tracing():
+    if BACKEND == "torch":
+        pytest.skip("PyTorch runs eagerly: covered by test_non_finite_times_raise")
+
+    def solve(y0):
+        return kr.odeint(_decay, y0, 0.0, float("nan")).y
+
+    with pytest.raises(ValueError, match="t1 must be a finite number"):
+        compiled(solve, MODES[-1])(f64([1.0]))
+
+
 def test_bad_y0_and_func():
     with pytest.raises(ValueError, match="y0"):
         kr.odeint(_decay, ops.convert_to_tensor([1, 2], "int32"))

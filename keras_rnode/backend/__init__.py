@@ -5,8 +5,8 @@ names, each defined by every backend module (tensorflow.py, jax.py,
 torch.py): a solve whose gradient we define ourselves, a vector-Jacobian
 product with respect to states and parameters, the Jacobian product of
 the Hutchinson estimator, the recorder that keeps the accepted steps for
-the direct gradient, a compiled inference function and a dtype-keeping
-matmul.
+the direct gradient, a compiled inference function, a dtype-keeping
+matmul and a tensor's value where it is known while tracing.
 """
 
 import importlib
@@ -22,6 +22,7 @@ HOOKS = (
     "recorder_new",
     "recorder_read",
     "recorder_write",
+    "static_value",
     "vjp",
 )
 

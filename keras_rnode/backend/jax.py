@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from keras import ops
 
 
@@ -107,3 +108,10 @@ def inference_function(model, fn):
 def matmul(x1, x2):
     """x1 @ x2: Keras's own, which keeps float64 on this backend."""
     return ops.matmul(x1, x2)
+
+
+def static_value(x):
+    """x as NumPy where it is known without running a trace, else None."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)

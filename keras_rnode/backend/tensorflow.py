@@ -103,3 +103,8 @@ def inference_function(model, fn):
 def matmul(x1, x2):
     """x1 @ x2: Keras's own, which keeps float64 on this backend."""
     return ops.matmul(x1, x2)
+
+
+def static_value(x):
+    """x as NumPy where it is known without running a graph (eager, constant), else None."""
+    return tf.get_static_value(x)

@@ -7,6 +7,7 @@ size controller), where the adjoint and direct gradients keep one state
 per step or none.
 """
 
+import numpy as np
 import torch
 from keras import ops
 
@@ -141,3 +142,8 @@ def matmul(x1, x2):
     if x1.dtype != x2.dtype:
         return ops.matmul(x1, x2)
     return torch.matmul(x1, x2)
+
+
+def static_value(x):
+    """x as NumPy (PyTorch runs eagerly: values are always known)."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

@@ -45,7 +45,7 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
         A `Solution` with `y` (structure of y0) and `stats`.
     """
     tableau, flat_y0, controlled = _validate(
-        func, y0, method, rtol, atol, max_steps, gradient, step_size, first_step,
+        func, y0, t0, t1, method, rtol, atol, max_steps, gradient, step_size, first_step,
         error_control)
     structure = y0
 
@@ -128,11 +128,26 @@ def _positive_finite(value):
             and math.isfinite(value) and value > 0)
 
 
-def _validate(func, y0, method, rtol, atol, max_steps, gradient, step_size,
+def _check_times(t0, t1):
+    """Non-finite ends would give a Solution that is neither a solve nor an error.
+
+    Checked where the value is known while tracing (numbers, eager tensors,
+    constants); a traced tensor is not known until the solve runs.
+    """
+    for name, t in (("t0", t0), ("t1", t1)):
+        value = t if isinstance(t, numbers.Real) else backend.static_value(t)
+        if value is None:
+            continue
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _validate(func, y0, t0, t1, method, rtol, atol, max_steps, gradient, step_size,
               first_step, error_control):
     if not callable(func):
         raise ValueError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
     tableau = check_options(method, rtol, atol, max_steps, gradient, step_size, first_step)
+    _check_times(t0, t1)
     if not isinstance(y0, (tuple, list)) and isinstance(y0, (dict,)):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
     # NumPy arrays keep their dtype (Keras's PyTorch backend would make
