@@ -43,7 +43,7 @@ def draw(runs, out):
     for col, (path, (config, records, summary)) in enumerate(runs.items()):
         dataset = next(iter(records.values()))[0]["dataset"]
         clock = config.get("clock", "wall")
-        unit = "bits/dim" if dataset == "digits" else "NLL [nats]"
+        unit = "bits/dim" if dataset == "digits" else "nats"
         ax_nll, ax_nfe = axes[0, col], axes[1, col]
         for kind, rows in records.items():
             rows = rows[1:]  # the compile step, off the clock
@@ -56,8 +56,8 @@ def draw(runs, out):
         ax_nll.set_ylim(min(values) - 0.1 * spread, max(values) + 0.4 * spread)
         if summary:
             ax_nll.axhline(summary["target"], color="grey", lw=0.8, ls=":")
-        ax_nll.set_title(dataset)
-        ax_nll.set_ylabel(f"held-out {unit}" if col == 0 else "")
+        ax_nll.set_title(f"{dataset} (held-out, {unit})")
+        ax_nll.set_ylabel("held-out NLL" if col == 0 else "")
         ax_nfe.set_ylabel("forward NFE per step" if col == 0 else "")
         ax_nfe.set_xlabel(f"training {'CPU' if clock == 'cpu' else 'wall'} time [min]")
         for ax in (ax_nll, ax_nfe):
