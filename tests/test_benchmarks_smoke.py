@@ -73,8 +73,9 @@ def load(name):
 
 @pytest.mark.parametrize("name, options", [
     ("cnf_step", ("--repeats", "--batch", "--steps", "--tfp-xla", "--quick", "--results")),
-    ("rnode_vs_ffjord", ("--datasets", "--digits", "--budget-s", "--eval-every", "--quick",
-                         "--out", "--results")),
+    ("rnode_vs_ffjord", ("--datasets", "--digits", "--budget-s", "--clock", "--eval-every",
+                         "--quick", "--out", "--results")),
+    ("step_profile", ("--repeats", "--batch", "--tol", "--quick", "--results")),
 ])
 def test_issue5_scripts_list_their_options(name, options):
     result = CliRunner().invoke(load(name).main, ["--help"])
@@ -96,14 +97,14 @@ def test_shared_write_results_takes_the_heading_from_the_section(tmp_path):
 def test_time_to_target_and_ratios():
     bench = load("rnode_vs_ffjord")
 
-    class FakeRun:
+    class FakeRun(bench.Run):
         def __init__(self, records):
             self.records, self.steps, self.wall, self.cpu = records, 10, 100.0, 90.0
             self.compile_s, self.failed = 5.0, None
 
     def rec(t, nll, nfe):
-        # Real records carry the step too; here one step a second.
-        return {"step": t, "wall_s": t, "nll": nll, "nfe_forward": nfe,
+        # Real records carry the step too; here one step a second, CPU time half of it.
+        return {"step": t, "wall_s": t, "cpu_s": t / 2, "nll": nll, "nfe_forward": nfe,
                 "nfe_backward": nfe, "eval_nfe": nfe}
 
     runs = {
@@ -111,12 +112,57 @@ def test_time_to_target_and_ratios():
         "unregularized": FakeRun([rec(0, 5.0, 20), rec(50, 3.3, 40), rec(80, 3.05, 50),
                                   rec(100, 3.04, 60)]),
     }
-    s = bench.summarize("8gaussians", runs, 0.05)
+    s = bench.summarize("8gaussians", runs, 0.05, "wall")
     assert s["target"] == pytest.approx(3.09)
     assert s["t_rnode"] == 100 and s["t_unreg"] == 80  # rnode's 3.1 at 20 s misses 3.09
     assert s["time_ratio"] == pytest.approx(0.8)
     assert s["nfe_ratio"] == pytest.approx(3.0)
-    assert bench.first_time_within(runs["rnode"].records, 1.0) is None
+    assert s["models"]["rnode"]["step_ms"] == pytest.approx(1e3 * 100.0 / 9)
+    assert bench.first_time_within(runs["rnode"].records, 1.0, "wall") is None
+
+    # On the CPU clock the times are read from cpu_s: the same ratios, half the times.
+    c = bench.summarize("8gaussians", runs, 0.05, "cpu")
+    assert c["t_rnode"] == 50 and c["t_unreg"] == 40
+    assert c["budget_ratio"] == pytest.approx(s["budget_ratio"])
+    assert c["models"]["rnode"]["step_ms"] == pytest.approx(1e3 * 90.0 / 9)
+
+
+def test_step_profile_parts_add_up_to_the_step():
+    bench = load("step_profile")
+    cpu = {"network": 0.012, "augmented": 0.018, "adjoint": 0.048,  # loops of 24 evaluations
+           "forward solve": 0.040, "step": 0.160}
+    rows, per = bench.breakdown(cpu, 50, 62, 24, 24)
+    parts = dict(rows)
+    assert per["network"] == pytest.approx(0.0005) and per["adjoint"] == pytest.approx(0.002)
+    assert sum(parts.values()) == pytest.approx(cpu["step"])
+    assert list(parts.values())[0] == pytest.approx(50 * 0.0005)  # forward NFE x one network call
+    assert list(parts.values())[3] == pytest.approx(62 * 0.002)   # backward NFE x one adjoint call
+    assert list(parts.values())[2] == pytest.approx(0.040 - 50 * 0.00075)
+
+
+def test_plot_curves_draws_every_data_set(tmp_path):
+    import json
+
+    bench = load("plot_curves")
+    paths = []
+    for name in ("8gaussians", "digits"):
+        rows = [{"config": {"clock": "cpu"}}]
+        rows += [{"dataset": name, "model": m, "step": 10 * i, "wall_s": 2.0 * i,
+                  "cpu_s": 1.0 * i, "nll": 4.0 - 0.1 * i, "nfe_forward": 20 + i}
+                 for i in range(6) for m in ("rnode", "unregularized")]
+        rows.append({"summary": {"target": 3.6}})
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        paths.append(str(path))
+    out = tmp_path / "headline.png"
+    result = CliRunner().invoke(bench.main, [*paths, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"config": {}}))
+    result = CliRunner().invoke(bench.main, [str(empty), "--out", str(out)])
+    assert result.exit_code != 0 and "no training records" in result.output
 
 
 def _run(args, timeout=900):
@@ -161,3 +207,13 @@ def test_gpu_script_quick_runs_on_the_cpu(tmp_path):
     assert "CPU FALLBACK" in text or "PASS" in text
     assert text.count("| 2-D |") == 2 and text.count("| 8x8 images |") == 2
     assert "FAILED" not in text, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_step_profile_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    _run([sys.executable, str(BENCH / "step_profile.py"), "--quick", "--results", str(results)])
+    text = results.read_text()
+    assert "## Where a CNF training step's time goes (issue 5)" in text
+    assert "| **whole step** |" in text and "adjoint evaluations" in text
+
