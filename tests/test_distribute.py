@@ -4,7 +4,8 @@ The CPU split must happen before TensorFlow initializes its devices, which
 this test process has long done; so each check runs in a fresh Python
 process. The model is noise-free (exact trace, fixed-step RK4, continuous
 data): the replicas' gradients, all-reduced, must then give the same step as
-the whole batch on one device, up to float32 summation order.
+the whole batch on one device, up to float32 summation order. (With the
+Hutchinson trace they must not: each replica draws its own probes.)
 """
 
 import json
@@ -73,6 +74,62 @@ def test_two_device_step_equals_one_device_step():
     assert moved > 1e-4
     for a, b in zip(two["step"], one["step"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * moved)
+
+
+NOISE_SCRIPT = textwrap.dedent('''
+    import json
+    from keras_rnode.backend.distribute import mirrored_strategy
+    strategy = mirrored_strategy(2)
+    import numpy as np, tensorflow as tf
+    from keras_rnode.layers import CNF, ConcatSquashMLP
+
+    x = np.zeros((256, 8), "float32")
+    out = {}
+    for noise in ("gaussian", "rademacher"):
+        single = CNF(ConcatSquashMLP(hidden=(4,)), noise=noise, seed=7)
+        with strategy.scope():
+            mirrored = CNF(ConcatSquashMLP(hidden=(4,)), noise=noise, seed=7)
+        draw = tf.function(mirrored._noise)
+        out[noise] = {
+            "single": [np.asarray(single._noise(x)).tolist() for _ in range(2)],
+            "replicas": [[np.asarray(v).tolist() for v in strategy.experimental_local_results(
+                strategy.run(draw, args=(x,)))] for _ in range(2)],
+        }
+    print("RESULT " + json.dumps(out))
+''')
+
+
+def _reference_draw(noise, shape, seed, counter):
+    """The draw before replicas had noise of their own: Keras's stateless op at [seed, counter]."""
+    import tensorflow as tf
+
+    seed = tf.constant([seed, counter], tf.int32)
+    if noise == "gaussian":
+        return tf.random.stateless_normal(shape, seed).numpy()
+    return 2.0 * tf.random.stateless_uniform(shape, seed, 0, 2, tf.int32).numpy() - 1.0
+
+
+def test_replicas_draw_their_own_hutchinson_noise():
+    result = json.loads(run_python(NOISE_SCRIPT, timeout=600).split("RESULT ", 1)[1])
+    for noise, draws in result.items():
+        # One device: the draw is what it always was, call after call.
+        for counter, single in enumerate(draws["single"]):
+            np.testing.assert_array_equal(single, _reference_draw(noise, (256, 8), 7, counter),
+                                          err_msg=noise)
+        for step, (first, second) in enumerate(draws["replicas"]):
+            first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
+            # Independent: uncorrelated (sd of the sample correlation: 1 / sqrt(2048) = 0.022).
+            assert abs(np.corrcoef(first, second)[0, 1]) < 0.1, (noise, step)
+            for v in (first, second):
+                if noise == "gaussian":
+                    assert abs(v.mean()) < 0.1 and abs(v.std() - 1.0) < 0.1, (noise, step)
+                else:
+                    assert set(np.unique(v)) == {-1.0, 1.0}, (noise, step)
+                    assert abs(v.mean()) < 0.1, (noise, step)
+        # And fresh at every step, as on one device.
+        for replica in range(2):
+            a, b = (np.asarray(draws["replicas"][s][replica]).ravel() for s in range(2))
+            assert abs(np.corrcoef(a, b)[0, 1]) < 0.1, (noise, replica)
 
 
 def test_rnode_train_on_two_devices(tmp_path):

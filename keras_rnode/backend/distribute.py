@@ -81,6 +81,34 @@ def replica_count():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def replica_noise(kind, shape, dtype, seed_generator):
+    """This replica's Hutchinson probes ("gaussian" or "rademacher"), or None with one replica.
+
+    Every replica of a MirroredStrategy runs the step from the same seed
+    state, so the seed generator alone would give them all the same
+    probes: their estimates would be correlated, and averaging the
+    replicas' gradients would not average the noise away. The replica id
+    is folded into the drawn seed instead. With one replica (no strategy,
+    a cross-replica call, or off TensorFlow) None: the caller draws as it
+    always has, so single-device runs keep their noise bit for bit.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    # Keras's own reduction of its int64 seed state to the int32 pair the
+    # stateless ops take under XLA.
+    seed = tf.cast(tf.math.floormod(seed_generator.next(), tf.int32.max - 1), tf.int32)
+    seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+    if kind == "gaussian":
+        return tf.random.stateless_normal(shape, seed, dtype=dtype)
+    bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32)
+    return tf.cast(2 * bits - 1, dtype)
+
+
 def scale_loss(loss):
     """A per-replica mean loss divided by the replica count.
 

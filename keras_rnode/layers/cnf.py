@@ -15,6 +15,7 @@ import numbers
 import keras
 from keras import ops
 
+from keras_rnode.backend import distribute
 from keras_rnode.layers import divergence
 from keras_rnode.solvers.odeint import check_options, odeint
 from keras_rnode.solvers.tableaus import TABLEAUS
@@ -168,6 +169,9 @@ class CNF(keras.layers.Layer):
 
     def _noise(self, x):
         shape = ops.shape(x)
+        per_replica = distribute.replica_noise(self.noise, shape, x.dtype, self.seed_generator)
+        if per_replica is not None:
+            return per_replica
         if self.noise == "gaussian":
             return keras.random.normal(shape, dtype=x.dtype, seed=self.seed_generator)
         bits = keras.random.randint(shape, 0, 2, seed=self.seed_generator)
