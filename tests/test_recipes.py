@@ -43,7 +43,10 @@ def test_recipes_carry_the_papers_settings():
     cifar = recipes.recipe_args("cifar10")
     assert [option(cifar, f) for f in ("--method", "--rtol", "--atol")] == [
         "dopri5", "1e-5", "1e-5"]
-    assert option(recipes.recipe_args("digits"), "--dataset") == "digits"
+    digits = recipes.recipe_args("digits")
+    assert [option(digits, f) for f in ("--dataset", "--architecture", "--hidden", "--method",
+                                        "--step-size")] == [
+        "digits", "multiscale", "32,32,32", "rk4", "0.25"]
 
 
 def test_overrides_win_and_steps_replace_epochs():
@@ -71,12 +74,15 @@ def run_recipe(name, out, *extra):
 
 
 def test_digits_recipe_runs_two_steps(tmp_path):
-    # The recipe's model; a smaller batch and a fixed-step evaluation keep it quick.
+    # The recipe's model; narrower nets (its widths are checked above), a smaller batch
+    # and a fixed-step evaluation keep it quick.
     out, metrics, config = run_recipe("digits", tmp_path / "digits", "--steps", "2",
-                                      "--batch-size", "16", "--n-test", "16", "--eval-method",
-                                      "rk4", "--eval-step-size", "0.5", "--quiet")
+                                      "--hidden", "8", "--batch-size", "16", "--n-test", "16",
+                                      "--eval-method", "rk4", "--eval-step-size", "0.5",
+                                      "--quiet")
     assert "bits/dim" in out
     assert config["architecture"] == "multiscale" and config["steps"] == 2
+    assert config["blocks"] == 2 and config["warmup_steps"] == 100
     assert np.isfinite(metrics["test"]["bpd"]) and metrics["test"]["bpd"] > 0
     # Two CNF blocks before and after the squeeze, two at the last of two scales.
     assert metrics["train"]["nfe"] == 6 * 16  # rk4 at step 0.25: 16 evaluations a block
