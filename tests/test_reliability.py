@@ -12,6 +12,7 @@ from keras_rnode.callbacks import BadSteps, NFEWatch, SolverFailures, StepBackup
 from keras_rnode.cli import log_prob_batches
 from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.optimizers import SkipBadSteps
+from tests.backend_utils import build_optimizer
 
 
 @keras.saving.register_keras_serializable(package="test_reliability")
@@ -69,6 +70,7 @@ def stream():
 def test_diverging_dynamics_skips_bad_steps_and_keeps_good_weights(jit):
     model = fuse_model()
     model.compile(optimizer=SkipBadSteps(keras.optimizers.Adam(1e-2)), jit_compile=jit)
+    build_optimizer(model)
     fuse, watch = BlowUpAfter(3), BadSteps("skip")
     with pytest.warns(RuntimeWarning, match="skipped 5 step"):
         history = model.fit(stream(), epochs=1, steps_per_epoch=8, verbose=0,
@@ -85,6 +87,7 @@ def test_diverging_dynamics_skips_bad_steps_and_keeps_good_weights(jit):
 def test_diverging_dynamics_stop_ends_at_the_first_bad_step():
     model = fuse_model()
     model.compile(optimizer=SkipBadSteps(keras.optimizers.Adam(1e-2)), jit_compile=False)
+    build_optimizer(model)
     fuse, watch = BlowUpAfter(2), BadSteps("stop")
     with pytest.warns(RuntimeWarning, match="stopping training: a NaN or inf"):
         model.fit(stream(), epochs=3, steps_per_epoch=4, verbose=0, callbacks=[fuse, watch])
@@ -128,6 +131,7 @@ def test_training_solves_hitting_max_steps(action):
     guard = model.solves_succeeded if action != "warn" else None
     model.compile(optimizer=SkipBadSteps(keras.optimizers.Adam(1e-2), guard=guard),
                   jit_compile=False)
+    build_optimizer(model)
     watch = SolverFailures(action)
     with pytest.warns(RuntimeWarning, match="max_steps"):
         history = model.fit(stream(), epochs=2, steps_per_epoch=2, verbose=0,
@@ -170,6 +174,7 @@ def test_evaluation_names_the_batch_whose_solve_failed():
 def test_nfe_watch_warns_then_stops():
     model = fuse_model()  # rk4, 4 steps of 4 evaluations: NFE 16 per step
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False)
+    build_optimizer(model)
     watch = NFEWatch(limit=7)
     with pytest.warns(RuntimeWarning, match="NFE 16 in epoch 1, step 1 is past the limit of 7"):
         model.fit(stream(), epochs=1, steps_per_epoch=2, verbose=0, callbacks=[watch])
@@ -193,8 +198,10 @@ def train_a_few_steps(seed, wrap):
     cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(8,)), trace="hutchinson",
                         method="rk4", step_size=0.5, gradient="direct", seed=seed)
     model = kr.RNODE([cnf], seed=seed)
+    model.build((None, 2))
     adam = keras.optimizers.Adam(1e-2)
     model.compile(optimizer=SkipBadSteps(adam) if wrap else adam, jit_compile=False)
+    build_optimizer(model)
     history = model.fit(make_dataset(X, 64, seed=seed, repeat=True), epochs=4,
                         steps_per_epoch=1, verbose=0)
     return history.history["loss"], weights(model)
