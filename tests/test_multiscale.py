@@ -17,6 +17,7 @@ from scipy.stats import norm
 import keras_rnode as kr
 from keras_rnode.layers import CNF, ConcatConvNet, LogitTransform, squeeze, unsqueeze
 from keras_rnode.models.multiscale import MultiscaleRNODE, default_scales
+from tests.backend_utils import build_optimizer
 
 ALPHA = 0.05
 
@@ -133,6 +134,7 @@ def test_fit_logs_every_blocks_statistics_and_reduces_the_loss():
     model = kr.multiscale_rnode((4, 4, 1), channels=(8,), blocks_per_scale=1, n_scales=2,
                                 levels=17, method="rk4", step_size=0.5, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), jit_compile=False)
+    build_optimizer(model)
     x = np.random.default_rng(5).integers(0, 17, (32, 4, 4, 1)).astype("float32")
     data = kr.datasets.make_dataset(x, 16, shuffle=False, repeat=True)
     history = model.fit(data, epochs=4, steps_per_epoch=2, verbose=0).history
