@@ -21,9 +21,10 @@ from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.optimizers import SkipBadSteps
 from keras_rnode.resumable import fit_resumable, phases
 
-# 256 points in batches of 64: 4 steps an epoch. Fast evaluation and picture.
+# 256 points in batches of 64: 4 steps an epoch. Fast evaluation and picture; Euler
+# steps, the cheapest solver to trace (these tests are about checkpoints, not solvers).
 TINY = ["--dataset", "8gaussians", "--hidden", "8", "--batch-size", "64", "--n-train", "256",
-        "--n-test", "64", "--method", "rk4", "--step-size", "0.5", "--eval-method", "rk4",
+        "--n-test", "64", "--method", "euler", "--step-size", "0.5", "--eval-method", "euler",
         "--eval-step-size", "0.5", "--eval-batch-size", "64", "--trace", "hutchinson",
         "--no-jit", "--quiet"]
 
