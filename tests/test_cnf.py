@@ -656,8 +656,8 @@ def test_bad_solver_options_fail_when_made(kwargs, name, value, allowed):
 def test_evaluation_solver_defaults_to_the_training_one():
     net = ConcatSquashMLP(hidden=(4,))
     cnf = CNF(net, method="rk4", step_size=0.25, eval_method="euler")
-    assert cnf.eval_solver["step_size"] == 0.25  # None: "as in training"
+    assert cnf.eval_solver.step_size == 0.25  # None: "as in training"
     cnf = CNF(net, method="rk4", step_size=0.25, eval_method="dopri5", eval_rtol=1e-6)
-    assert (cnf.eval_solver["step_size"], cnf.eval_solver["rtol"]) == (None, 1e-6)
+    assert (cnf.eval_solver.step_size, cnf.eval_solver.rtol) == (None, 1e-6)
     cnf = CNF(net, rtol=1e-4)
     assert cnf.eval_solver == cnf.train_solver

@@ -192,6 +192,62 @@ def test_against_scipy_rk45(name, tol):
     assert ours["nfe"] == 6 * (ours["accepted"] + ours["rejected"]) + 2
 
 
+@pytest.mark.parametrize("controller", [
+    kr.StepController(safety=0.8),
+    kr.StepController(min_factor=0.5, max_factor=3.0),
+])
+def test_controller_settings_reach_the_solve(controller, monkeypatch):
+    # scipy's RK45 reads its controller constants at each step: set them to
+    # ours and the step sequences agree again, where the defaults do not.
+    import scipy.integrate._ivp.rk as scipy_rk
+
+    func, func_np, y0, t1 = PROBLEMS["van_der_pol_1"]
+    default = stats(kr.odeint(func, f64([y0]), 0.0, t1, rtol=1e-6, atol=1e-6,
+                              gradient="none"))
+    sol = kr.odeint(func, f64([y0]), 0.0, t1, rtol=1e-6, atol=1e-6, gradient="none",
+                    controller=controller)
+    ours = stats(sol)
+    for name, value in (("SAFETY", controller.safety), ("MIN_FACTOR", controller.min_factor),
+                        ("MAX_FACTOR", controller.max_factor)):
+        monkeypatch.setattr(scipy_rk, name, value)
+    theirs = scipy.integrate.solve_ivp(func_np, (0.0, t1), y0, method="RK45", rtol=1e-6,
+                                       atol=1e-6)
+    assert sol.status == "success" and theirs.success
+    assert abs(ours["nfe"] - theirs.nfev) <= 6, (ours, theirs.nfev)
+    assert abs(ours["nfe"] - default["nfe"]) > 6, (ours, default)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(safety=1.5), "safety <= 1"),
+    (dict(safety=0.0), "safety must be a positive finite number"),
+    (dict(min_factor=2.0), "min_factor"),
+    (dict(max_factor=0.5), "max_factor"),
+    (dict(max_factor=True), "max_factor must be a positive finite number"),
+])
+def test_bad_controller_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        kr.StepController(**kwargs)
+
+
+def test_settings_are_one_value():
+    settings = kr.SolverSettings(method="rk4", step_size=0.25, max_steps=7)
+    # A value: equal by fields, rebuilt from its config, checked again on change.
+    assert kr.SolverSettings.from_config(settings.to_config()) == settings
+    assert settings.for_evaluation(method="euler").step_size == 0.25
+    assert settings.for_evaluation(method="dopri5").step_size is None
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        settings.replace(max_steps=0)
+    # odeint takes it whole, or its fields as keywords, or both (keywords win).
+    y0 = f64([1.0])
+    whole = stats(kr.odeint(_decay, y0, solver=settings, gradient="none"))
+    fields = stats(kr.odeint(_decay, y0, method="rk4", step_size=0.25, max_steps=7,
+                             gradient="none"))
+    assert whole == fields and whole["accepted"] == 4
+    assert stats(kr.odeint(_decay, y0, solver=settings, step_size=0.5))["accepted"] == 2
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rtoll'\]"):
+        kr.odeint(_decay, y0, rtoll=1e-3)
+
+
 # --------------------------------------------------------------------------
 # Fixed-step methods: order of convergence on a nonlinear problem.
 

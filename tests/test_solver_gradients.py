@@ -278,3 +278,20 @@ def test_adjoint_ends_on_nan_instead_of_looping():
         stats = {k: int(np_(v)) for k, v in seen[0].items()}
         assert stats["status"] == kr.Status.STEP_UNDERFLOW
         assert stats["accepted"] + stats["rejected"] < 100
+
+
+def test_adjoint_backward_solve_inherits_every_forward_setting(monkeypatch):
+    # The backward solve gets the forward settings whole, so an option added
+    # later cannot be dropped on the way; only the first step is its own.
+    from keras_rnode.solvers import adjoint
+
+    seen = []
+    integrate = adjoint.integrate
+    monkeypatch.setattr(adjoint, "integrate", lambda func, settings, *args, **kwargs: (
+        seen.append(settings) or integrate(func, settings, *args, **kwargs)))
+    settings = kr.SolverSettings(rtol=1e-7, atol=1e-8, max_steps=500, first_step=0.01,
+                                 controller=kr.StepController(safety=0.8, max_factor=4.0))
+    _, (g,), _ = gradients(lambda y: ops.sum(kr.odeint(lambda t, y: -y, y, solver=settings).y),
+                           [f64([1.0, 2.0])])
+    np.testing.assert_allclose(np_(g), np.exp(-1.0), rtol=1e-6)
+    assert seen == [settings.replace(first_step=None)]

@@ -9,19 +9,15 @@ so that log p(x) = log N(z(T); 0, I) - delta_logp(T). Only z and
 delta_logp steer the step size.
 """
 
-import math
-import numbers
-
 import keras
 from keras import ops
 
-from keras_rnode.backend import distribute
+from keras_rnode import checks
 from keras_rnode.layers import divergence
-from keras_rnode.solvers.odeint import check_options, odeint
-from keras_rnode.solvers.tableaus import TABLEAUS
+from keras_rnode.layers.dynamics import validate_dynamics_output
+from keras_rnode.solvers.odeint import odeint
+from keras_rnode.solvers.settings import SettingError, SolverSettings, resolve, split_options
 
-TRACES = ("hutchinson", "exact")
-NOISES = ("gaussian", "rademacher")
 STAT_NAMES = ("nfe", "accepted", "rejected", "status", "backward_nfe")
 
 
@@ -31,16 +27,22 @@ class CNF(keras.layers.Layer):
 
     Args:
         dynamics: a Keras layer or model called as dynamics(t, z) -> dz/dt.
-        trace: "hutchinson" (stochastic, one forward-mode product per
+        trace: "hutchinson" (stochastic, one Jacobian-vector product per
             evaluation) or "exact" (D products; for low dimension).
         noise: Hutchinson probe distribution, "gaussian" or "rademacher".
-        method, rtol, atol, step_size, max_steps, gradient: the training
-            solver (see `keras_rnode.odeint`).
-        eval_method, eval_rtol, eval_atol, eval_step_size, eval_trace: the
-            solver and trace used when not training; None means "as in
-            training".
+        eval_trace: the trace when not training (None: as in training).
         T: integration time.
         seed: seed of the Hutchinson noise generator.
+        solver: the training solver, a `keras_rnode.solvers.SolverSettings`;
+            or its fields as keywords (method, rtol, atol, step_size,
+            max_steps, gradient, first_step, controller).
+        eval_solver: the solver when not training; or its fields as
+            keywords with an "eval_" prefix (eval_method, eval_rtol, ...).
+            What is not given is as in training (a fixed-step evaluation
+            method takes the training step size).
+        Other keywords go to keras.layers.Layer.
+
+    Raises ValueError, prefixed with the layer's name, for a bad setting.
 
     Call: `cnf(x, training=None, regularize=False)` returns (z, delta_logp);
     with regularize=True and training, (z, delta_logp, kinetic, jacobian),
@@ -48,53 +50,35 @@ class CNF(keras.layers.Layer):
     meaning. `cnf.stats` holds the last solve's statistics.
     """
 
-    def __init__(self, dynamics, trace="hutchinson", noise="gaussian", method="dopri5",
-                 rtol=1e-5, atol=1e-5, step_size=None, max_steps=1000,
-                 gradient="adjoint", eval_method=None, eval_rtol=None, eval_atol=None,
-                 eval_step_size=None, eval_trace=None, T=1.0, seed=None, **kwargs):
+    def __init__(self, dynamics, trace="hutchinson", noise="gaussian", eval_trace=None,
+                 T=1.0, seed=None, solver=None, eval_solver=None, **kwargs):
+        train_options = split_options(kwargs)
+        eval_options = split_options(kwargs, "eval_")
         super().__init__(**kwargs)
         if not callable(dynamics):
             raise ValueError(f"{self.name}: dynamics must be a Keras layer called as "
                              f"dynamics(t, z), got {type(dynamics).__name__}")
-        for arg, value in (("trace", trace), ("eval_trace", eval_trace or trace)):
-            if value not in TRACES:
-                raise ValueError(f"{self.name}: {arg} must be one of {TRACES}, got {value!r}")
-        if noise not in NOISES:
-            raise ValueError(f"{self.name}: noise must be one of {NOISES}, got {noise!r}")
-        if noise == "rademacher" and trace == "exact":
-            raise ValueError(
-                f"{self.name}: noise='rademacher' cannot go with trace='exact': the exact "
-                "trace draws no noise, so the choice of noise would be silently ignored")
-        if isinstance(T, bool) or not isinstance(T, numbers.Real) or not (
-                math.isfinite(T) and T > 0):
-            raise ValueError(f"{self.name}: T must be a positive finite number, got {T!r}")
+        with checks.owned_by(self.name):
+            for arg, value in (("trace", trace), ("eval_trace", eval_trace or trace)):
+                checks.one_of(value, arg, divergence.TRACES)
+            checks.one_of(noise, "noise", divergence.PROBES)
+            self.T = checks.positive_finite(T, "T")
+            if noise == "rademacher" and trace == "exact":
+                raise ValueError(
+                    "noise='rademacher' cannot go with trace='exact': the exact trace draws "
+                    "no noise, so the choice of noise would be silently ignored")
+            self.train_solver = resolve(solver, train_options, self.name)
+            try:
+                if eval_solver is None:
+                    self.eval_solver = self.train_solver.for_evaluation(**eval_options)
+                else:
+                    self.eval_solver = resolve(eval_solver, eval_options, self.name)
+            except SettingError as err:
+                raise ValueError(err.render("eval_")) from None
         self.dynamics = dynamics
         self.trace = trace
         self.noise = noise
-        self.T = float(T)
         self.seed = seed
-        self.train_solver = dict(method=method, rtol=rtol, atol=atol, step_size=step_size,
-                                 max_steps=max_steps, gradient=gradient)
-        # "is None", not "or": an eval_rtol of 0 is an error to report, not
-        # a request for the training tolerance.
-        eval_method = method if eval_method is None else eval_method
-        # None is "as in training" for a fixed step too, which an adaptive
-        # evaluation method must not be given.
-        fixed = isinstance(eval_method, str) and eval_method in TABLEAUS and not TABLEAUS[
-            eval_method].adaptive
-        if eval_step_size is None and fixed:
-            eval_step_size = step_size
-        self.eval_solver = dict(
-            method=eval_method,
-            rtol=rtol if eval_rtol is None else eval_rtol,
-            atol=atol if eval_atol is None else eval_atol,
-            step_size=eval_step_size, max_steps=max_steps, gradient=gradient)
-        eval_names = {arg: f"eval_{arg}" for arg in ("method", "rtol", "atol", "step_size")}
-        for solver, names in ((self.train_solver, None), (self.eval_solver, eval_names)):
-            try:
-                check_options(**solver, names=names)
-            except ValueError as err:
-                raise ValueError(f"{self.name}: {err}") from None
         self.eval_trace = eval_trace or trace
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -145,8 +129,8 @@ class CNF(keras.layers.Layer):
 
         y0 = (x, zeros, zeros, zeros) if regularize else (x, zeros)
         control = (True, True, False, False)[: len(y0)]
-        sol = odeint(augmented, y0, t0, t1, error_control=control,
-                     on_backward=self._record_backward, **solver)
+        sol = odeint(augmented, y0, t0, t1, solver=solver, error_control=control,
+                     on_backward=self._record_backward)
         for name in STAT_NAMES[:4]:
             self.stats[name].assign(sol.stats[name])
         return sol.y
@@ -157,25 +141,12 @@ class CNF(keras.layers.Layer):
         Checked at every call, not only at build (batch 1): a net that drops
         or mixes rows shows itself only on a larger batch.
         """
-        out = self.dynamics(t, z)
-        got, expected = tuple(out.shape), tuple(z.shape)
-        if len(got) != len(expected) or any(
-                a is not None and b is not None and a != b for a, b in zip(got, expected)):
-            name = getattr(self.dynamics, "name", type(self.dynamics).__name__)
-            raise ValueError(
-                f"{self.name}: dynamics {name!r} returned shape {got} for input of "
-                f"shape {expected}; dz/dt must have z's shape")
-        return out
+        return validate_dynamics_output(
+            self.name, z, self.dynamics(t, z),
+            getattr(self.dynamics, "name", type(self.dynamics).__name__))
 
     def _noise(self, x):
-        shape = ops.shape(x)
-        per_replica = distribute.replica_noise(self.noise, shape, x.dtype, self.seed_generator)
-        if per_replica is not None:
-            return per_replica
-        if self.noise == "gaussian":
-            return keras.random.normal(shape, dtype=x.dtype, seed=self.seed_generator)
-        bits = keras.random.randint(shape, 0, 2, seed=self.seed_generator)
-        return ops.cast(2 * bits - 1, x.dtype)
+        return divergence.draw_probes(self.noise, ops.shape(x), x.dtype, self.seed_generator)
 
     def _record_backward(self, stats):
         self.stats["backward_nfe"].assign(stats["nfe"])
@@ -185,18 +156,20 @@ class CNF(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        train, ev = self.train_solver, self.eval_solver
         config.update(
             dynamics=keras.saving.serialize_keras_object(self.dynamics),
             trace=self.trace, noise=self.noise, T=self.T, seed=self.seed,
-            eval_method=ev["method"], eval_rtol=ev["rtol"], eval_atol=ev["atol"],
-            eval_step_size=ev["step_size"], eval_trace=self.eval_trace,
-            **train,
-        )
+            eval_trace=self.eval_trace, **self.train_solver.to_config(),
+            **{f"eval_{k}": v for k, v in self.eval_solver.to_config().items()})
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
-        return cls(**config)
+        train = SolverSettings.from_config(split_options(config))
+        # Configs saved before the evaluation solver had every field of its
+        # own took the rest from training.
+        evaluation = SolverSettings.from_config(
+            {**train.to_config(), **split_options(config, "eval_")})
+        return cls(solver=train, eval_solver=evaluation, **config)

@@ -8,9 +8,14 @@ Jacobian regularizer; its expectation is ||J||_F^2 / D. The product
 
 import math
 
+import keras
 from keras import ops
 
 from keras_rnode import backend
+from keras_rnode.backend import distribute
+
+TRACES = ("hutchinson", "exact")
+PROBES = ("gaussian", "rademacher")
 
 
 def _event_axes(z):
@@ -25,6 +30,22 @@ def event_mean(x):
     float64 model 8 digits in the regularizer states.
     """
     return ops.sum(x, axis=_event_axes(x)) / math.prod(x.shape[1:])
+
+
+def draw_probes(kind, shape, dtype, seed_generator):
+    """Hutchinson probes eps of `shape`: "gaussian" N(0, I) or "rademacher" +-1.
+
+    Each replica of a tf.distribute strategy draws its own (see
+    `distribute.replica_noise`); otherwise Keras's random ops draw from
+    `seed_generator`.
+    """
+    per_replica = distribute.replica_noise(kind, shape, dtype, seed_generator)
+    if per_replica is not None:
+        return per_replica
+    if kind == "gaussian":
+        return keras.random.normal(shape, dtype=dtype, seed=seed_generator)
+    bits = keras.random.randint(shape, 0, 2, seed=seed_generator)
+    return ops.cast(2 * bits - 1, dtype)
 
 
 def hutchinson(fn, z, eps):

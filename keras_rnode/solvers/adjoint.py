@@ -14,9 +14,13 @@ from keras_rnode import backend
 from keras_rnode.solvers.integrate import integrate
 
 
-def adjoint_backward(func_p, params, tableau, y1, t0, t1, grads_y1, options):
+def adjoint_backward(func_p, params, settings, y1, t0, t1, grads_y1, controlled):
     """func_p(t, y, params) is the dynamics; returns (grads_y0, grads_params,
-    stats of the backward solve)."""
+    stats of the backward solve).
+
+    The backward solve uses the forward solve's settings whole, but for its
+    first step: the forward one was chosen for the other end.
+    """
     n = len(y1)
     m = len(params)
 
@@ -26,11 +30,7 @@ def adjoint_backward(func_p, params, tableau, y1, t0, t1, grads_y1, options):
         return [*f, *[-v for v in grads_y], *[-v for v in grads_p]]
 
     state1 = [*y1, *grads_y1, *[ops.zeros(v.shape, v.dtype) for v in params]]
-    controlled = [*options["controlled"], *([True] * n), *([False] * m)]
-    state0, stats, _ = integrate(
-        augmented, tableau, state1, t1, t0,
-        rtol=options["rtol"], atol=options["atol"], max_steps=options["max_steps"],
-        step_size=options["step_size"], first_step=None, controlled=controlled,
-        record=False,
-    )
+    controlled = [*controlled, *([True] * n), *([False] * m)]
+    state0, stats, _ = integrate(augmented, settings.replace(first_step=None), state1, t1, t0,
+                                 controlled=controlled, record=False)
     return state0[n:2 * n], state0[2 * n:], stats

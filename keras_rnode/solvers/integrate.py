@@ -6,13 +6,14 @@ so that forward and reverse solves share one loop. Optionally records
 """
 
 import math
+from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_rnode import backend
-from keras_rnode.solvers import controller
+from keras_rnode.solvers.controller import error_norm
 from keras_rnode.solvers.solution import Status
 from keras_rnode.solvers.stepping import rk_step
 
@@ -46,94 +47,107 @@ def time_frame(t0, t1, dtype):
     return t0, direction, ops.abs(t1 - t0)
 
 
-def integrate(func, tableau, y0, t0, t1, *, rtol, atol, max_steps, step_size,
-              first_step, controlled, record):
-    """Solve from t0 to t1. Returns (y1, stats, records).
+def integrate(func, settings, y0, t0, t1, *, controlled, record):
+    """Solve from t0 to t1 as `settings` (a SolverSettings) say. Returns (y1, stats, records).
 
-    `records` is None unless `record`; then it is (recorder, count) where
-    the recorder holds [s_and_h, *y] of each accepted step.
+    `controlled`: one flag per state, False to leave it out of step-size
+    control. `records` is None unless `record`; then it is (recorder,
+    count) where the recorder holds [s_and_h, *y] of each accepted step.
     """
     static_length = _static_length(t0, t1)
     t0, direction, length = time_frame(t0, t1, y0[0].dtype)
-    if tableau.adaptive:
-        return _adaptive(func, tableau, y0, t0, direction, length, rtol, atol,
-                         max_steps, first_step, controlled, record)
-    return _fixed(func, tableau, y0, t0, direction, length, static_length, step_size,
-                  max_steps, record)
+    if settings.adaptive:
+        return _adaptive(func, settings, y0, t0, direction, length, controlled, record)
+    return _fixed(func, settings, y0, t0, direction, length, static_length, record)
 
 
-def _adaptive(func, tableau, y0, t0, direction, length, rtol, atol, max_steps,
-              first_step, controlled, record):
+class _AdaptiveState(NamedTuple):
+    """What the adaptive loop carries from one attempted step to the next."""
+
+    s: object  # time travelled, |t - t0|
+    h: object  # the step to attempt
+    y: list
+    k: list  # func(t, y): the first stage of the next step (FSAL)
+    nfe: object
+    accepted: object
+    rejected: object
+    underflow: object
+    control: dict  # the step controller's own state
+    recorder: list
+
+
+def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
+    tableau, controller = settings.tableau, settings.controller
     dtype = keras.backend.standardize_dtype(y0[0].dtype)
     zero = ops.zeros((), dtype)
+    zero_i = ops.zeros((), "int32")
 
     def start():
         f0 = func(t0, y0)
-        if first_step is not None:
-            h0 = ops.minimum(ops.convert_to_tensor(first_step, dtype), length)
+        if settings.first_step is not None:
+            h0 = ops.minimum(ops.convert_to_tensor(settings.first_step, dtype), length)
             return [*f0, h0, ops.ones((), "int32")]
-        h = controller.initial_step(func, t0, y0, f0, direction, length,
-                                    tableau.order, rtol, atol, controlled)
+        h = controller.initial_step(func, t0, y0, f0, direction, length, tableau.order,
+                                    settings.rtol, settings.atol, controlled)
         return [*f0, h, 2 * ops.ones((), "int32")]
 
     def empty():
-        return [*[ops.zeros_like(v) for v in y0], zero, ops.zeros((), "int32")]
+        return [*[ops.zeros_like(v) for v in y0], zero, zero_i]
 
     started = ops.cond(length > 0, start, empty)
     n = len(y0)
-    k1, h, nfe = list(started[:n]), started[n], started[n + 1]
-    recorder = backend.recorder_new(max_steps, [ops.zeros((2,), dtype), *y0]) if record else []
+    recorder = (backend.recorder_new(settings.max_steps, [ops.zeros((2,), dtype), *y0])
+                if record else [])
     eps = float(np.finfo(np.dtype(dtype)).eps)
     per_step = tableau.stages - 1 if tableau.fsal else tableau.stages
 
-    # `after_reject`: the previous attempt was rejected, so this step may
-    # not grow even if accepted (Hairer's rule, as in scipy's RK45).
-    def cond(s, h, y, k, nfe, accepted, rejected, underflow, after_reject, recorder):
-        return (s < length) & (accepted + rejected < max_steps) & ~underflow
+    def cond(state):
+        return ((state.s < length) & (state.accepted + state.rejected < settings.max_steps)
+                & ~state.underflow)
 
-    def body(s, h, y, k, nfe, accepted, rejected, underflow, after_reject, recorder):
-        last = h >= length - s
-        h_use = ops.where(last, length - s, h)
-        t = t0 + direction * s
-        if not tableau.fsal:
-            k = func(t, y)
-        y_new, error, k_new = rk_step(func, tableau, t, y, direction * h_use, k)
-        norm = controller.error_norm(error, y, y_new, rtol, atol, controlled)
-        ok = ops.isfinite(norm) & (norm <= 1.0)
+    def body(state):
+        last = state.h >= length - state.s
+        h = ops.where(last, length - state.s, state.h)
+        t = t0 + direction * state.s
+        k = state.k if tableau.fsal else func(t, state.y)
+        y_new, error, k_new = rk_step(func, tableau, t, state.y, direction * h, k)
+        norm = error_norm(error, state.y, y_new, settings.rtol, settings.atol, controlled)
+        ok, factor, control = controller.adapt(norm, state.control, tableau.order)
+        recorder = state.recorder
         if record:
             recorder = backend.recorder_write(
-                recorder, accepted, [ops.stack([s, h_use]), *y], ok)
-        h_next = h_use * controller.step_factor(norm, ok & ~after_reject, tableau.order)
+                recorder, state.accepted, [ops.stack([state.s, h]), *state.y], ok)
+        h_next = h * factor
         tiny = 4.0 * eps * ops.maximum(ops.abs(t), length)
-        return (
-            ops.where(ok, ops.where(last, length, s + h_use), s),
-            h_next,
-            [ops.where(ok, a, b) for a, b in zip(y_new, y)],
-            [ops.where(ok, a, b) for a, b in zip(k_new, k)] if tableau.fsal else k,
-            nfe + per_step,
-            accepted + ops.cast(ok, "int32"),
-            rejected + ops.cast(~ok, "int32"),
-            ~ok & ~(h_next > tiny),  # a NaN step (from NaN derivatives) too
-            ~ok,
-            recorder,
-        )
+        return (_AdaptiveState(
+            s=ops.where(ok, ops.where(last, length, state.s + h), state.s),
+            h=h_next,
+            y=[ops.where(ok, a, b) for a, b in zip(y_new, state.y)],
+            k=[ops.where(ok, a, b) for a, b in zip(k_new, k)] if tableau.fsal else k,
+            nfe=state.nfe + per_step,
+            accepted=state.accepted + ops.cast(ok, "int32"),
+            rejected=state.rejected + ops.cast(~ok, "int32"),
+            underflow=~ok & ~(h_next > tiny),  # a NaN step (from NaN derivatives) too
+            control=control,
+            recorder=recorder,
+        ),)
 
-    zero_i = ops.zeros((), "int32")
-    s, _, y, _, nfe, accepted, rejected, underflow, _, recorder = ops.while_loop(
-        cond, body,
-        (zero, h, list(y0), k1, nfe, zero_i, zero_i, ops.zeros((), "bool"),
-         ops.zeros((), "bool"), recorder),
-    )
+    initial = _AdaptiveState(s=zero, h=started[n], y=list(y0), k=list(started[:n]),
+                             nfe=started[n + 1], accepted=zero_i, rejected=zero_i,
+                             underflow=ops.zeros((), "bool"),
+                             control=controller.initial_state(), recorder=recorder)
+    (final,) = ops.while_loop(cond, body, (initial,))
     status = ops.where(
-        s >= length, Status.SUCCESS,
-        ops.where(underflow, Status.STEP_UNDERFLOW, Status.MAX_STEPS_REACHED),
+        final.s >= length, Status.SUCCESS,
+        ops.where(final.underflow, Status.STEP_UNDERFLOW, Status.MAX_STEPS_REACHED),
     )
-    records = (recorder, accepted) if record else None
-    return y, _stats(nfe, accepted, rejected, status), records
+    records = (final.recorder, final.accepted) if record else None
+    stats = _stats(final.nfe, final.accepted, final.rejected, status)
+    return final.y, stats, records
 
 
-def _fixed(func, tableau, y0, t0, direction, length, static_length, step_size, max_steps,
-           record):
+def _fixed(func, settings, y0, t0, direction, length, static_length, record):
+    tableau, step_size, max_steps = settings.tableau, settings.step_size, settings.max_steps
     dtype = keras.backend.standardize_dtype(y0[0].dtype)
     if static_length is not None:
         count = fixed_step_count(static_length, step_size)

@@ -1,39 +1,34 @@
 """`odeint`: the public entry point of the solver."""
 
-import math
 import numbers
 
 import numpy as np
 from keras import ops
 from keras import tree
 
-from keras_rnode import backend
+from keras_rnode import backend, checks
 from keras_rnode.solvers.adjoint import adjoint_backward
 from keras_rnode.solvers.direct import direct_backward
 from keras_rnode.solvers.integrate import integrate
 from keras_rnode.solvers.solution import Solution, Status
-from keras_rnode.solvers.tableaus import TABLEAUS
+from keras_rnode.solvers.settings import resolve
 
-GRADIENTS = ("adjoint", "direct", "none")
 STAT_NAMES = ("nfe", "accepted", "rejected", "status")
 
 
-def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
-           max_steps=1000, gradient="adjoint", step_size=None, first_step=None,
-           error_control=None, on_backward=None):
+def odeint(func, y0, t0=0.0, t1=1.0, *, solver=None, error_control=None, on_backward=None,
+           **options):
     """Integrate dy/dt = func(t, y) from t0 to t1 (t1 < t0 runs backwards).
 
     Args:
         func: callable (t, y) -> dy/dt with the structure and shapes of y.
-        y0: a floating tensor or a tuple/list of them (any shapes).
-        method: "dopri5" (adaptive), "rk4" or "euler" (fixed step).
-        rtol, atol: tolerances of the adaptive method.
-        max_steps: bound on attempted steps; reaching it ends the solve with
-            status "max_steps_reached".
-        gradient: "adjoint" (memory flat in the number of steps), "direct"
-            (backpropagation through the accepted steps) or "none".
-        step_size: the step of a fixed-step method (required for them).
-        first_step: the first step of dopri5 (default: Hairer's heuristic).
+        y0: a floating tensor or a tuple/list of them (any shapes, one dtype).
+        t0, t1: the ends (finite numbers or scalar tensors).
+        solver: a `SolverSettings`; or give its fields as keywords:
+            method ("dopri5" adaptive, "rk4" or "euler" fixed-step),
+            rtol, atol, step_size (fixed-step methods), max_steps,
+            gradient ("adjoint", "direct" or "none"), first_step,
+            controller. Keywords given with `solver` replace its fields.
         error_control: booleans in the structure of y0; False leaves that
             state out of step-size control (default: all controlled).
         on_backward: called with the backward solve's stats dict (adjoint
@@ -43,10 +38,13 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
 
     Returns:
         A `Solution` with `y` (structure of y0) and `stats`.
+
+    Raises:
+        ValueError for a bad y0, func, end time or setting (naming it);
+        TypeError for a keyword that is not a solver setting.
     """
-    tableau, flat_y0, controlled = _validate(
-        func, y0, t0, t1, method, rtol, atol, max_steps, gradient, step_size, first_step,
-        error_control)
+    settings = resolve(solver, options)
+    flat_y0, controlled = _validate(func, y0, t0, t1, error_control)
     structure = y0
 
     def flat_func(t, y):
@@ -54,18 +52,16 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
         _check_output(structure, y, out)
         return tree.flatten(out)
 
-    options = dict(rtol=rtol, atol=atol, max_steps=max_steps, step_size=step_size,
-                   controlled=controlled)
-
     def forward(f, y0_list):
-        return integrate(f, tableau, y0_list, t0, t1, first_step=first_step,
-                         record=gradient == "direct", **options)
+        return integrate(f, settings, y0_list, t0, t1, controlled=controlled,
+                         record=settings.gradient == "direct")
 
     def backward(func_p, params, records, y1, grads_y1):
-        if gradient == "direct":
-            return direct_backward(func_p, params, tableau, t0, t1, records, grads_y1)
+        if settings.gradient == "direct":
+            return direct_backward(func_p, params, settings.tableau, t0, t1, records,
+                                   grads_y1)
         grads_y0, grads_p, stats = adjoint_backward(
-            func_p, params, tableau, y1, t0, t1, grads_y1, options)
+            func_p, params, settings, y1, t0, t1, grads_y1, controlled)
         if on_backward is not None and backend.REPORTS_BACKWARD:
             on_backward(dict(zip(STAT_NAMES, stats)))
         # A backward solve that stopped short of t0 has no gradient to give:
@@ -76,56 +72,9 @@ def odeint(func, y0, t0=0.0, t1=1.0, method="dopri5", rtol=1e-5, atol=1e-5,
                      for grads in (grads_y0, grads_p))
 
     y1, stats = backend.differentiable_solve(
-        flat_func, flat_y0, forward, None if gradient == "none" else backward)
+        flat_func, flat_y0, forward, None if settings.gradient == "none" else backward)
     return Solution(y=tree.pack_sequence_as(structure, y1),
                     stats=dict(zip(STAT_NAMES, stats)))
-
-
-def check_options(method="dopri5", rtol=1e-5, atol=1e-5, max_steps=1000, gradient="adjoint",
-                  step_size=None, first_step=None, names=None):
-    """Check odeint's solver options; returns the method's tableau.
-
-    Raises ValueError naming the argument, the value given and what is
-    allowed. Layers that hold solver options (CNF) call it when they are
-    made, so that a bad option fails there and not at the first solve;
-    `names` maps an option to the name their caller knows it by (CNF's
-    "eval_rtol" for rtol).
-    """
-    names = names or {}
-
-    def name(arg):
-        return names.get(arg, arg)
-
-    if not isinstance(method, str) or method not in TABLEAUS:
-        raise ValueError(f"{name('method')} must be one of {sorted(TABLEAUS)}, got {method!r}")
-    tableau = TABLEAUS[method]
-    if gradient not in GRADIENTS:
-        raise ValueError(f"{name('gradient')} must be one of {GRADIENTS}, got {gradient!r}")
-    for arg, value in (("rtol", rtol), ("atol", atol)):
-        if not _positive_finite(value):
-            raise ValueError(f"{name(arg)} must be a positive finite number, got {value!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) \
-            or max_steps < 1:
-        raise ValueError(f"{name('max_steps')} must be an integer >= 1, got {max_steps!r}")
-    if tableau.adaptive:
-        if step_size is not None:
-            raise ValueError(f"{name('step_size')} is for the fixed-step methods "
-                             f"{sorted(m for m, t in TABLEAUS.items() if not t.adaptive)}; "
-                             f"{method!r} chooses its own steps (use first_step), "
-                             f"got {name('step_size')}={step_size!r}")
-        if first_step is not None and not _positive_finite(first_step):
-            raise ValueError(f"{name('first_step')} must be a positive finite number or "
-                             f"None, got {first_step!r}")
-    elif not _positive_finite(step_size):
-        raise ValueError(f"{name('step_size')} must be a positive finite number for the "
-                         f"fixed-step {name('method')} {method!r}, got {step_size!r}")
-    return tableau
-
-
-def _positive_finite(value):
-    # Not bool: True would pass as the number 1.
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value) and value > 0)
 
 
 def _check_times(t0, t1):
@@ -142,13 +91,12 @@ def _check_times(t0, t1):
             raise ValueError(f"{name} must be a finite number, got {value}")
 
 
-def _validate(func, y0, t0, t1, method, rtol, atol, max_steps, gradient, step_size,
-              first_step, error_control):
+def _validate(func, y0, t0, t1, error_control):
+    """(y0 as a flat list of tensors, the error-control flag of each)."""
     if not callable(func):
         raise ValueError(f"func must be callable (t, y) -> dy/dt, got {type(func).__name__}")
-    tableau = check_options(method, rtol, atol, max_steps, gradient, step_size, first_step)
     _check_times(t0, t1)
-    if not isinstance(y0, (tuple, list)) and isinstance(y0, (dict,)):
+    if isinstance(y0, dict):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
     # NumPy arrays keep their dtype (Keras's PyTorch backend would make
     # float64 into float32).
@@ -163,15 +111,14 @@ def _validate(func, y0, t0, t1, method, rtol, atol, max_steps, gradient, step_si
     if len(dtypes) > 1:
         raise ValueError(f"all states in y0 must share one dtype, got {sorted(dtypes)}")
     if error_control is None:
-        controlled = [True] * len(flat)
-    else:
-        controlled = [bool(c) for c in tree.flatten(error_control)]
-        if len(controlled) != len(flat):
-            raise ValueError(f"error_control must match y0's structure: {len(flat)} "
-                             f"states, got {len(controlled)} flags")
-        if not any(controlled):
-            raise ValueError("error_control must leave at least one state controlled")
-    return tableau, flat, controlled
+        return flat, [True] * len(flat)
+    controlled = [bool(c) for c in tree.flatten(error_control)]
+    if len(controlled) != len(flat):
+        raise ValueError(f"error_control must match y0's structure: {len(flat)} "
+                         f"states, got {len(controlled)} flags")
+    if not any(controlled):
+        raise ValueError("error_control must leave at least one state controlled")
+    return flat, controlled
 
 
 def _check_output(structure, y, out):
@@ -184,8 +131,7 @@ def _check_output(structure, y, out):
     for i, (a, b) in enumerate(zip(y, flat_out)):
         # Static shapes: an unknown (None) dimension, e.g. the batch of a
         # traced function with a None batch, agrees with anything.
-        sa, sb = tuple(a.shape), tuple(b.shape)
-        if len(sa) != len(sb) or any(p is not None and q is not None and p != q
-                                     for p, q in zip(sa, sb)):
+        sa, sb = checks.static_shape(a), checks.static_shape(b)
+        if not checks.shapes_agree(sa, sb):
             raise ValueError(f"func returned shape {sb} for state {i} "
                              f"of shape {sa}; dy/dt must have y's shape")

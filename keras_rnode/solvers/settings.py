@@ -1,0 +1,175 @@
+"""Solver settings: one typed value that odeint, the CNF, the loops and the adjoint receive whole.
+
+`SolverSettings` is validated once, when it is made; whoever holds one can
+trust it. A new option is a new field here (and, to reach the command
+line, an entry in the CLI's list of solver options): `odeint` and `CNF`
+take the fields as keywords, the adjoint's backward solve inherits every
+field of the forward one, and configs serialize the fields generically.
+"""
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+from keras_rnode import checks
+from keras_rnode.solvers.controller import StepController
+from keras_rnode.solvers.tableaus import TABLEAUS
+
+METHODS = tuple(sorted(TABLEAUS))
+ADAPTIVE_METHODS = tuple(m for m in METHODS if TABLEAUS[m].adaptive)
+FIXED_STEP_METHODS = tuple(m for m in METHODS if not TABLEAUS[m].adaptive)
+GRADIENTS = ("adjoint", "direct", "none")
+
+
+class SettingError(ValueError):
+    """A bad setting, whose message can name the fields as its caller knows them.
+
+    `describe(name)` writes the message, with `name(field)` for each field
+    it mentions: str(err) names them plainly, `err.render("eval_")` as
+    CNF's evaluation solver does ("eval_rtol"), `err.render(flag)` with a
+    function of the field as a command line does ("--eval-rtol").
+    """
+
+    def __init__(self, describe):
+        self._describe = describe
+        super().__init__(describe(lambda field: field))
+
+    def render(self, name):
+        """The message with each field named `name + field`, or `name(field)` if callable."""
+        return self._describe(name if callable(name) else lambda field: name + field)
+
+
+def _checked(check, value, field):
+    """check(value, field), a shared argument check; its error as a SettingError."""
+    try:
+        return check(value, field)
+    except ValueError:
+        def describe(name):
+            try:
+                check(value, name(field))
+            except ValueError as err:
+                return str(err)
+        raise SettingError(describe) from None
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How to integrate: the method, its tolerances or step, its bounds and its gradient.
+
+    Args:
+        method: "dopri5" (adaptive Dormand-Prince 5(4), FSAL), or the
+            fixed-step "rk4" and "euler".
+        rtol, atol: tolerances of the adaptive method (positive, finite).
+        step_size: the step of a fixed-step method (required there, refused
+            for dopri5, which chooses its own: see first_step).
+        max_steps: bound on attempted steps; reaching it ends the solve with
+            status "max_steps_reached", never a hang.
+        gradient: "adjoint" (the adjoint ODE solved backwards: memory flat
+            in the number of steps), "direct" (backpropagation through the
+            accepted steps) or "none".
+        first_step: dopri5's first step (default: Hairer's heuristic).
+        controller: dopri5's step-size controller (`StepController`).
+
+    Raises `SettingError` (a ValueError) naming the field, the value and
+    what is allowed.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    step_size: float | None = None
+    max_steps: int = 1000
+    gradient: str = "adjoint"
+    first_step: float | None = None
+    controller: StepController = StepController()
+
+    def __post_init__(self):
+        method, step_size = self.method, self.step_size
+        _checked(functools.partial(checks.one_of, allowed=list(METHODS)), method, "method")
+        _checked(functools.partial(checks.one_of, allowed=GRADIENTS), self.gradient, "gradient")
+        self._store("rtol", _checked(checks.positive_finite, self.rtol, "rtol"))
+        self._store("atol", _checked(checks.positive_finite, self.atol, "atol"))
+        self._store("max_steps", _checked(checks.integer, self.max_steps, "max_steps"))
+        if self.adaptive and step_size is not None:
+            raise SettingError(lambda name: (
+                f"{name('step_size')} is for the fixed-step methods {list(FIXED_STEP_METHODS)}; "
+                f"{method!r} chooses its own steps (use first_step), got "
+                f"{name('step_size')}={step_size!r}"))
+        if not self.adaptive and not (checks.is_real(step_size) and step_size > 0):
+            raise SettingError(lambda name: (
+                f"{name('step_size')} must be a positive finite number for the fixed-step "
+                f"{name('method')} {method!r}, got {step_size!r}"))
+        if step_size is not None:
+            self._store("step_size", _checked(checks.positive_finite, step_size, "step_size"))
+        if self.first_step is not None:
+            self._store("first_step",
+                        _checked(checks.positive_finite, self.first_step, "first_step"))
+        if not isinstance(self.controller, StepController):
+            raise SettingError(lambda name: f"{name('controller')} must be a StepController, "
+                                            f"got {self.controller!r}")
+
+    def _store(self, field, value):
+        object.__setattr__(self, field, value)  # frozen: the checked, plain-Python value
+
+    @property
+    def tableau(self):
+        return TABLEAUS[self.method]
+
+    @property
+    def adaptive(self):
+        return self.tableau.adaptive
+
+    def replace(self, **changes):
+        """A copy with `changes` (checked like a new value)."""
+        return dataclasses.replace(self, **changes)
+
+    def for_evaluation(self, **overrides):
+        """The evaluation solver: these settings with the overrides that are not None.
+
+        A fixed-step evaluation method without a step size takes the
+        training step; an adaptive one drops it.
+        """
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        method = overrides.get("method", self.method)
+        if method in TABLEAUS and "step_size" not in overrides:
+            overrides["step_size"] = None if TABLEAUS[method].adaptive else self.step_size
+        return self.replace(**overrides)
+
+    def describe(self):
+        """A short label: "dopri5 rtol=1e-05 atol=1e-05" or "rk4 step=0.25"."""
+        if self.adaptive:
+            return f"{self.method} rtol={self.rtol:g} atol={self.atol:g}"
+        return f"{self.method} step={self.step_size:g}"
+
+    def to_config(self):
+        """A JSON-able dict of the fields (the controller as a dict of its own)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("controller"), dict):
+            config["controller"] = StepController(**config["controller"])
+        return cls(**config)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SolverSettings))
+
+
+def split_options(options, prefix=""):
+    """Pop the solver fields (named with `prefix`) out of a keyword dict; returns them."""
+    return {name: options.pop(prefix + name) for name in FIELDS if prefix + name in options}
+
+
+def resolve(solver, options, caller="odeint"):
+    """The SolverSettings of a call: `solver` (or the defaults), with keyword options replacing
+    its fields. TypeError for an option that is not a field."""
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"{caller} got unknown option(s) {unknown}; the solver settings are "
+                        f"{list(FIELDS)}")
+    if solver is None:
+        return SolverSettings(**options)
+    if not isinstance(solver, SolverSettings):
+        raise ValueError(f"solver must be a SolverSettings, got {type(solver).__name__}")
+    return solver.replace(**options) if options else solver
