@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from keras_rnode import checks
+
 # Differential entropy (nats) of "8gaussians": the mixture of eight
 # N(c_k / 1.414, (0.5 / 1.414)^2 I), centres c_k at radius 4 every 45 degrees.
 # Computed once by quadrature of -p log p (a 4001^2 grid and, independently,
@@ -122,10 +124,9 @@ def toy(name, n, seed=0):
     The same (name, n, seed) always gives the same array.
     """
     _check_name(name)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    n = checks.integer(n, "n")
     rng = np.random.default_rng(seed)
-    return _GENERATORS[name](rng, int(n)).astype(np.float32)
+    return _GENERATORS[name](rng, n).astype(np.float32)
 
 
 def toy_entropy(name):

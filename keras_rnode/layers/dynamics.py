@@ -14,10 +14,12 @@ By default the last block's parameters start at zero, so ``f == 0`` exactly
 and a fresh CNF is the identity map.
 """
 
+import math
+
 import keras
 from keras import ops
 
-from keras_rnode import backend
+from keras_rnode import backend, checks
 
 PACKAGE = "keras_rnode"
 
@@ -26,52 +28,20 @@ PACKAGE = "keras_rnode"
 _TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval": 1.0}}
 
 
-def validate_dynamics_output(name, z, dz):
+def validate_dynamics_output(name, z, dz, dynamics=None):
     """Raise ValueError when `dz`'s static shape is not `z`'s; return `dz`.
 
     Unknown (None) dimensions are taken to agree; a rank mismatch never does.
+    `name` (a CNF's) and `dynamics` (the net's name) say whose output it is.
     """
-    z_shape, dz_shape = _static_shape(z), _static_shape(dz)
-    agree = len(z_shape) == len(dz_shape) and all(
-        a is None or b is None or a == b for a, b in zip(z_shape, dz_shape)
-    )
-    if not agree:
+    z_shape, dz_shape = checks.static_shape(z), checks.static_shape(dz)
+    if not checks.shapes_agree(z_shape, dz_shape):
+        which = "dynamics" if dynamics is None else f"dynamics {dynamics!r}"
         raise ValueError(
-            f"{name}: dynamics returned shape {dz_shape} for input of shape "
+            f"{name}: {which} returned shape {dz_shape} for input of shape "
             f"{z_shape}; a dynamics function must return its input's shape"
         )
     return dz
-
-
-def _static_shape(x):
-    return tuple(_static_dim(d) for d in x.shape)
-
-
-def _static_dim(d):
-    """An int, or None for an unknown dimension (None in TensorFlow, a
-    symbolic one when JAX exports with a polymorphic batch)."""
-    if d is None:
-        return None
-    try:
-        return int(d)
-    except Exception:  # jax's InconclusiveDimensionOperation is not a TypeError
-        return None
-
-
-def _positive_ints(layer, arg, values):
-    if isinstance(values, (int, str)) or not hasattr(values, "__iter__"):
-        raise ValueError(
-            f"{layer}: `{arg}` must be a sequence of positive ints, got {values!r}"
-        )
-    values = tuple(values)
-    for v in values:
-        # bool is an int subclass; True as a width is surely a mistake.
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(
-                f"{layer}: `{arg}` must be a sequence of positive ints, "
-                f"got {values!r}"
-            )
-    return values
 
 
 def _activation(layer, identifier):
@@ -87,19 +57,12 @@ def _activation(layer, identifier):
 
 def _scalar_time(layer, t, dtype):
     t = ops.convert_to_tensor(t, dtype=dtype)
-    shape = _static_shape(t)
-    if None not in shape and int(_prod(shape)) != 1:
+    shape = checks.static_shape(t)
+    if None not in shape and math.prod(shape) != 1:
         raise ValueError(
             f"{layer}: t must be a scalar (the ODE time), got shape {shape}"
         )
     return ops.reshape(t, ())
-
-
-def _prod(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------- blocks --
@@ -243,7 +206,7 @@ class _DynamicsNet(keras.layers.Layer):
             shape = shape[:-1] + (_block_width(block),)
 
     def call(self, t, z):
-        shape = self._check_rank(_static_shape(z))
+        shape = self._check_rank(checks.static_shape(z))
         if shape[-1] != self._z_shape[-1]:
             raise ValueError(
                 f"{type(self).__name__} '{self.name}': built for last "
@@ -306,7 +269,8 @@ class ConcatSquashMLP(_DynamicsNet):
 
     def __init__(self, hidden=(64, 64, 64), activation="softplus", zero_init_last=True, **kwargs):
         super().__init__(activation=activation, zero_init_last=zero_init_last, **kwargs)
-        self.hidden = _positive_ints(type(self).__name__, "hidden", hidden)
+        with checks.owned_by(type(self).__name__):
+            self.hidden = checks.positive_ints(hidden, "hidden")
 
     def _make_blocks(self, z_shape):
         return _stack(self, _ConcatSquashDense, self.hidden + (z_shape[-1],), "concat_squash")
@@ -332,11 +296,9 @@ class _ConvNet(_DynamicsNet):
         **kwargs,
     ):
         super().__init__(activation=activation, zero_init_last=zero_init_last, **kwargs)
-        name = type(self).__name__
-        self.channels = _positive_ints(name, "channels", channels)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size <= 0:
-            raise ValueError(f"{name}: `kernel_size` must be a positive int, got {kernel_size!r}")
-        self.kernel_size = kernel_size
+        with checks.owned_by(type(self).__name__):
+            self.channels = checks.positive_ints(channels, "channels")
+            self.kernel_size = checks.integer(kernel_size, "kernel_size")
 
     def _make_blocks(self, z_shape):
         return _stack(self, self._block, self.channels + (z_shape[-1],), self._block_name,

@@ -24,6 +24,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_rnode import checks
+
 
 def check_levels(x, levels):
     """Raise ValueError unless numpy x holds only integer values in [0, levels - 1]."""
@@ -56,12 +58,6 @@ def _sum_event(t):
     return ops.sum(t, axis=axes) if axes else t
 
 
-def _check_levels_arg(levels):
-    if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 2:
-        raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
-    return int(levels)
-
-
 @keras.saving.register_keras_serializable(package="keras_rnode")
 class Dequantize(keras.layers.Layer):
     """Integers x in {0..levels-1} -> (y, logdet): y = (x + u) / levels in [0, 1).
@@ -79,7 +75,7 @@ class Dequantize(keras.layers.Layer):
 
     def __init__(self, levels=256, midpoint=False, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.levels = _check_levels_arg(levels)
+        self.levels = checks.integer(levels, "levels", minimum=2)
         self.midpoint = bool(midpoint)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)

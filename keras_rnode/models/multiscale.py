@@ -16,6 +16,7 @@ every block, as for the single-scale model, whose code this reuses.
 
 import keras
 
+from keras_rnode import checks
 from keras_rnode.layers.cnf import CNF
 from keras_rnode.layers.dynamics import ConcatConvNet, ConcatSquashConvNet
 from keras_rnode.layers.squeeze import squeeze, unsqueeze
@@ -61,8 +62,7 @@ class MultiscaleRNODE(RNODE):
                  logit_alpha=1e-6, seed=None, **kwargs):
         super().__init__(blocks, kinetic=kinetic, jacobian=jacobian, levels=levels,
                          logit_alpha=logit_alpha, seed=seed, **kwargs)
-        if isinstance(n_scales, bool) or not isinstance(n_scales, int) or n_scales < 1:
-            raise ValueError(f"n_scales must be a positive integer, got {n_scales!r}")
+        n_scales = checks.integer(n_scales, "n_scales")
         per, rest = divmod(len(self.blocks), 2 * n_scales - 1)
         if rest or not per:
             raise ValueError(

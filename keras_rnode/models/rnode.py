@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rnode import backend
+from keras_rnode import backend, checks
 from keras_rnode.backend.distribute import scale_loss
 from keras_rnode.layers.cnf import CNF
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
@@ -35,16 +35,6 @@ def flow_back(blocks, z):
     for block in reversed(blocks):
         z, _ = block.inverse(z)
     return z
-
-
-def check_finite(x, what="x"):
-    """A clear error for NaN or inf in concrete (numpy) data; tensors pass."""
-    if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            row = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0, 0])
-            raise ValueError(f"{what} holds {int(bad.sum())} NaN or inf value(s); the "
-                             f"first in row {row}")
 
 
 class FiniteMean(keras.metrics.Mean):
@@ -85,13 +75,9 @@ class RNODE(keras.Model):
         if not blocks or not all(isinstance(b, CNF) for b in blocks):
             raise ValueError("RNODE needs a non-empty list of keras_rnode.layers.CNF blocks, "
                              f"got {[type(b).__name__ for b in blocks]}")
-        for name, value in (("kinetic", kinetic), ("jacobian", jacobian)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
-                    value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         self.blocks = blocks
-        self.kinetic = float(kinetic)
-        self.jacobian = float(jacobian)
+        self.kinetic = checks.non_negative(kinetic, "kinetic")
+        self.jacobian = checks.non_negative(jacobian, "jacobian")
         self.levels = levels
         self.logit_alpha = logit_alpha
         self.seed = seed
@@ -123,7 +109,7 @@ class RNODE(keras.Model):
 
     def _flow(self, x, training, regularize, deterministic=None):
         """x -> (log p per sample, kinetic sum, jacobian sum)."""
-        check_finite(x)
+        checks.check_finite(x)
         if self.levels and isinstance(x, np.ndarray):
             check_levels(x, self.levels)
         x = ops.convert_to_tensor(x, self.compute_dtype)
@@ -186,9 +172,7 @@ class RNODE(keras.Model):
         """n samples: images as integers in [0, L-1] (float), other data as is."""
         if not self.built:
             raise ValueError("the model must be built (called on data) before sampling")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        return self._sample(int(n), seed)
+        return self._sample(checks.integer(n, "n"), seed)
 
     def _sample(self, n, seed=None):
         """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
@@ -259,10 +243,10 @@ class RNODE(keras.Model):
     def fit(self, x=None, *args, **kwargs):
         # Keras turns arrays into tensors, which _flow cannot check: a NaN
         # must end the run before its first step, not poison a later one.
-        check_finite(x, "the training data")
+        checks.check_finite(x, "the training data")
         validation = kwargs.get("validation_data")
-        check_finite(validation[0] if isinstance(validation, tuple) else validation,
-                     "the validation data")
+        checks.check_finite(validation[0] if isinstance(validation, tuple) else validation,
+                            "the validation data")
         return super().fit(x, *args, **kwargs)
 
     @property

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_rnode import checks
+
 
 @keras.saving.register_keras_serializable(package="keras_rnode")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
@@ -13,12 +15,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, learning_rate, warmup_steps):
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        self.learning_rate = float(learning_rate)
-        self.warmup_steps = warmup_steps
+        self.learning_rate = checks.positive_finite(learning_rate, "learning_rate")
+        self.warmup_steps = checks.integer(warmup_steps, "warmup_steps", minimum=0)
 
     def __call__(self, step):
         if self.warmup_steps == 0:
