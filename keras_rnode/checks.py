@@ -62,11 +62,11 @@ def one_of(value, name, allowed):
 
 
 def positive_ints(values, name):
-    """A non-empty sequence of positive ints, as a tuple (layer widths, channels)."""
+    """A sequence of positive ints, as a tuple (layer widths, channels; none is allowed)."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
     values = tuple(values)
-    if not values or not all(is_integer(v) and v > 0 for v in values):
+    if not all(is_integer(v) and v > 0 for v in values):
         raise ValueError(f"{name} must be a sequence of positive ints, got {values!r}")
     return tuple(int(v) for v in values)
 
