@@ -203,7 +203,6 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             raise ValueError(f"save_freq must be a positive number of steps, got {save_freq!r}")
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
         self.step = 0
-        self.restored_step = None
 
     @staticmethod
     def resume_step(backup_dir):
@@ -219,6 +218,8 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         with open(path) as f:
             return json.load(f)
 
+    # Overrides a private BackupAndRestore hook, as _save_model does; the
+    # private names StepBackup uses are checked by tests/test_keras_private_api.py.
     def _load_model(self):
         meta = self._read_metadata(self.backup_dir)
         if meta is None:
@@ -237,8 +238,10 @@ class StepBackup(keras.callbacks.BackupAndRestore):
                                      "not this model's checkpoint")
                 for i, state in enumerate(states):
                     state.assign(saved[f"seed_{i}"])
+        # Private Keras state that fit and the base callback resume from
+        # (tests/test_keras_private_api.py).
         self.model._initial_epoch = int(meta["epoch"]) or None
-        self.step = self.restored_step = int(meta["step"])
+        self.step = int(meta["step"])
         self._current_epoch = int(meta["epoch"])
 
     def on_train_batch_end(self, batch, logs=None):
@@ -253,6 +256,7 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             self._save_model()
         super().on_train_end(logs)
 
+    # A private hook the base calls every save_freq steps (tests/test_keras_private_api.py).
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         old = self._read_metadata(self.backup_dir)
@@ -263,6 +267,7 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         np.savez(os.path.join(self.backup_dir, seeds),
                  **{f"seed_{i}": keras.ops.convert_to_numpy(v)
                     for i, v in enumerate(self._seed_states())})
+        # The base callback's private counters (tests/test_keras_private_api.py).
         meta = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
                 "step": self.step, "weights": name, "seeds": seeds}
         tmp = os.path.join(self.backup_dir, "training_metadata.json.partial")

@@ -54,7 +54,9 @@ class SkipBadSteps(keras.optimizers.LossScaleOptimizer):
         return ok
 
     # No scaling: finite steps go straight to the inner optimizer, bad ones
-    # only count.
+    # only count. These four override private LossScaleOptimizer hooks, and
+    # `_variables` is its private list: tests/test_keras_private_api.py
+    # checks they are still there with these parameters.
     def _stateful_handle_finite_grads(self, grads, trainable_variables):
         self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
 

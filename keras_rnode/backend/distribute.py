@@ -8,9 +8,11 @@ under `strategy.scope()`; `model.fit` then splits each global batch across
 the replicas and all-reduces the gradients.
 
 Several hosts: `tf.distribute.MultiWorkerMirroredStrategy()` in place of
-the mirrored one, with the cluster described by the TF_CONFIG environment
-variable on every worker (see `multi_worker_strategy`); the code is
-otherwise the same.
+the mirrored one; the code is otherwise the same. Each worker runs the
+same program with the cluster described by the TF_CONFIG environment
+variable, e.g. on worker 0 of two:
+{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}
+Only worker 0 should write the run directory.
 
 On JAX the route is Keras's own distribution API
 (`keras.distribution.set_distribution(keras.distribution.DataParallel())`),
@@ -58,18 +60,6 @@ def mirrored_strategy(n):
         # NCCL is GPU-only; on CPUs reduce through host memory.
         cross_device_ops = tf.distribute.ReductionToOneDevice()
     return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
-
-
-def multi_worker_strategy():
-    """The strategy for several hosts: MultiWorkerMirroredStrategy, cluster from TF_CONFIG.
-
-    Each worker runs the same program with TF_CONFIG set, e.g. on worker 0 of two:
-    {"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}
-    Only worker 0 should write the run directory.
-    """
-    import tensorflow as tf
-
-    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def replica_count():

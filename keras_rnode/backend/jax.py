@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from keras import ops
+
+from keras_rnode.backend.common import matmul, recorder_read  # noqa: F401  (hooks)
 
 
 def differentiable_solve(func, y0, forward, backward):
@@ -73,10 +74,6 @@ def recorder_write(recorder, index, values, pred):
     return [r.at[index].set(jnp.where(pred, v, r[index])) for r, v in zip(recorder, values)]
 
 
-def recorder_read(recorder, index):
-    return [r[index] for r in recorder]
-
-
 def inference_function(model, fn):
     """fn(x) jit-compiled, with the model's state passed in and written back.
 
@@ -105,13 +102,17 @@ def inference_function(model, fn):
     return run
 
 
-def matmul(x1, x2):
-    """x1 @ x2: Keras's own, which keeps float64 on this backend."""
-    return ops.matmul(x1, x2)
-
-
 def static_value(x):
     """x as NumPy where it is known without running a trace, else None."""
     if isinstance(x, jax.core.Tracer):
         return None
     return np.asarray(x)
+
+
+def saved_model_endpoints():
+    """The endpoints a SavedModel export writes from JAX (through jax2tf): log_prob alone.
+
+    sample(n) takes its count as a tensor, and under JAX a count cannot
+    set a shape (shapes are static).
+    """
+    return ("log_prob",)

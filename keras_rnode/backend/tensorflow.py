@@ -1,7 +1,8 @@
 """TensorFlow implementations of the backend hooks."""
 
 import tensorflow as tf
-from keras import ops
+
+from keras_rnode.backend.common import matmul  # noqa: F401  (a hook)
 
 
 def differentiable_solve(func, y0, forward, backward):
@@ -91,6 +92,7 @@ def recorder_write(recorder, index, values, pred):
 
 
 def recorder_read(recorder, index):
+    """The tensors written at `index`, one per TensorArray."""
     return [ta.read(index) for ta in recorder]
 
 
@@ -100,11 +102,11 @@ def inference_function(model, fn):
     return tf.function(fn, input_signature=spec)
 
 
-def matmul(x1, x2):
-    """x1 @ x2: Keras's own, which keeps float64 on this backend."""
-    return ops.matmul(x1, x2)
-
-
 def static_value(x):
     """x as NumPy where it is known without running a graph (eager, constant), else None."""
     return tf.get_static_value(x)
+
+
+def saved_model_endpoints():
+    """The endpoints a SavedModel export writes from TensorFlow: log_prob and sample."""
+    return ("log_prob", "sample")

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from keras import ops
 
+from keras_rnode.backend.common import recorder_read  # noqa: F401  (a hook)
+
 
 def _parameters(func, y0):
     """The leaf tensors needing gradients that func reads besides y: its weights.
@@ -118,10 +120,6 @@ def recorder_write(recorder, index, values, pred):
     return recorder
 
 
-def recorder_read(recorder, index):
-    return [r[index] for r in recorder]
-
-
 def inference_function(model, fn):
     """fn(x) without building an autograd graph."""
     def run(x):
@@ -147,3 +145,14 @@ def matmul(x1, x2):
 def static_value(x):
     """x as NumPy (PyTorch runs eagerly: values are always known)."""
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def saved_model_endpoints():
+    """No endpoints: Keras writes no SavedModel from PyTorch.
+
+    Raises ValueError, whose message says how to export the model instead.
+    """
+    raise ValueError(
+        "a SavedModel cannot be written from the PyTorch backend; save the model "
+        "(model.save('m.keras')) and export it under KERAS_BACKEND=tensorflow or jax: "
+        "the .keras file is the same on every backend")

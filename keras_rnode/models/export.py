@@ -21,6 +21,7 @@ Endpoints of the reloaded object (`tf.saved_model.load(path)`):
   ``model.sample(n)`` does. Exported from TensorFlow only: from JAX (through
   jax2tf) the archive has ``log_prob`` alone, as a count cannot set a shape.
   PyTorch cannot write a SavedModel: load the .keras file under TensorFlow.
+  (`keras_rnode.backend.saved_model_endpoints` says which, per backend.)
 
 The endpoints are for inference: the solver's custom (adjoint) gradient is
 not saved, so do not differentiate through the reloaded functions.
@@ -30,18 +31,18 @@ import os
 import shutil
 import tempfile
 
+import keras
+
+from keras_rnode import backend
+
 
 def export_saved_model(model, filepath, overwrite=False, verbose=False):
     """Write `model` as a SavedModel at `filepath` (a directory); returns the path."""
+    # Asked first: the backend refuses (PyTorch) before TensorFlow is needed.
+    endpoints = backend.saved_model_endpoints()
     # Imported here: a SavedModel is TensorFlow's, whatever runs the model.
-    import keras
     import tensorflow as tf
 
-    if keras.backend.backend() == "torch":
-        raise ValueError(
-            "a SavedModel cannot be written from the PyTorch backend; save the model "
-            "(model.save('m.keras')) and export it under KERAS_BACKEND=tensorflow or jax: "
-            "the .keras file is the same on every backend")
     if not model.built:
         raise ValueError("the model must be built (called on data) before exporting")
     filepath = os.path.abspath(os.fspath(filepath))
@@ -52,20 +53,16 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
         raise FileNotFoundError(f"the folder {parent} does not exist")
 
     event_shape = tuple(model.event_shape)
+    definitions = {
+        "log_prob": (lambda x: model.log_prob(x, training=False),
+                     tf.TensorSpec((None, *event_shape), tf.float32, name="x")),
+        "sample": (lambda n: model._sample(n), tf.TensorSpec((), tf.int32, name="n")),
+    }
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(
-        "log_prob",
-        lambda x: model.log_prob(x, training=False),
-        input_signature=[tf.TensorSpec((None, *event_shape), tf.float32, name="x")],
-    )
-    if keras.backend.backend() == "tensorflow":
-        # Under JAX a sample count cannot be a tensor (shapes are static).
-        archive.add_endpoint(
-            "sample",
-            lambda n: model._sample(n),
-            input_signature=[tf.TensorSpec((), tf.int32, name="n")],
-        )
+    for endpoint in endpoints:
+        fn, spec = definitions[endpoint]
+        archive.add_endpoint(endpoint, fn, input_signature=[spec])
 
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:

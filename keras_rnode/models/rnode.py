@@ -237,7 +237,8 @@ class RNODE(keras.Model):
         self._skips_bad_steps = isinstance(self.optimizer, SkipBadSteps)
         if self._skips_bad_steps and getattr(self, "_loss_tracker", None) is not None:
             # Keras's loss tracker would average a skipped step's NaN in. Set
-            # as Trainer.compile sets it: outside the layer's state tracking.
+            # as Trainer.compile sets it: outside the layer's state tracking
+            # (a private name: tests/test_keras_private_api.py watches it).
             object.__setattr__(self, "_loss_tracker", FiniteMean(name="loss"))
 
     def fit(self, x=None, *args, **kwargs):

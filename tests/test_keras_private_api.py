@@ -1,0 +1,143 @@
+"""The private Keras names keras-rnode relies on are still there, as we use them.
+
+NaN-skipping (`SkipBadSteps`), exact resume (`StepBackup`) and the
+logged loss of skipped steps (`RNODE.compile`) override or read Keras
+attributes that are not public API. A Keras release may rename or
+reshape them without warning, and the package would then go on running,
+wrongly: each test below names the attribute, the keras_rnode file that
+relies on it and what breaks. The upper bound on `keras` in setup.cfg is
+the newest version these tests passed on; raise it only after they pass.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rnode.callbacks import StepBackup
+from keras_rnode.optimizers import SkipBadSteps
+
+pytestmark = pytest.mark.backends
+
+
+def compiled_model(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def started_backup(tmp_path):
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    backup.set_model(compiled_model(tmp_path))
+    backup.on_train_begin()
+    return backup
+
+
+def built_loss_scale_optimizer(tmp_path):
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
+    optimizer.build([keras.Variable(np.zeros(2, "float32"))])
+    return optimizer
+
+
+def leads_the_optimizer_variables(optimizer):
+    # SkipBadSteps splits the stateless optimizer variables at len(_variables).
+    own = list(optimizer._variables)
+    return all(a is b for a, b in zip(optimizer.variables[:len(own)], own))
+
+
+@dataclass(frozen=True)
+class Reliance:
+    name: str
+    owner: str  # the Keras class that defines it
+    user: str  # where keras_rnode relies on it
+    breaks: str  # what goes wrong without it
+    holder: Callable  # tmp_path -> the class or instance that must have `name`
+    override: Optional[type] = None  # our subclass: a method whose parameters must match
+    expect: Optional[Callable] = None  # holder -> bool: what else we take for granted
+    expectation: str = ""  # `expect`, in words
+
+    def problem(self, what):
+        return (f"keras {keras.__version__}: {self.owner}.{self.name} {what}. "
+                f"{self.user} relies on it as it was; otherwise {self.breaks}. Adapt "
+                "that code before raising the keras bound in setup.cfg.")
+
+
+BACKUP = "keras.callbacks.BackupAndRestore"
+CALLBACKS = "keras_rnode/callbacks.py"
+OPTIMIZER = "keras.optimizers.LossScaleOptimizer"
+OPTIMIZERS = "keras_rnode/optimizers.py"
+# Keras's own handling, which would run in place of an override it no longer calls.
+GOOD_STEPS_SCALED = ("good steps go through Keras's loss scaling, which divides the "
+                     "gradients by a growing scale")
+BAD_STEPS_UNCOUNTED = "bad steps halve the loss scale instead of being counted in `skipped`"
+
+
+def step_backup_hook(name, breaks):
+    """A private BackupAndRestore method that StepBackup overrides."""
+    return Reliance(name, BACKUP, f"{CALLBACKS} (StepBackup)", f"exact resume breaks: {breaks}",
+                    lambda tmp_path: keras.callbacks.BackupAndRestore, override=StepBackup)
+
+
+def skip_bad_steps_hook(name, backends, breaks):
+    """A private LossScaleOptimizer method that SkipBadSteps overrides."""
+    return Reliance(name, OPTIMIZER, f"{OPTIMIZERS} (SkipBadSteps)",
+                    f"NaN-skipping breaks on {backends}: {breaks}",
+                    lambda tmp_path: keras.optimizers.LossScaleOptimizer,
+                    override=SkipBadSteps)
+
+
+RELIANCES = [
+    Reliance(
+        "_loss_tracker", "keras.Model", "keras_rnode/models/rnode.py (RNODE.compile)",
+        "a step that SkipBadSteps skipped averages its NaN loss into the logged loss",
+        compiled_model,
+        expect=lambda model: isinstance(model._loss_tracker, keras.metrics.Mean),
+        expectation="a keras.metrics.Mean after compile"),
+    Reliance(
+        "_initial_epoch", "keras.Model", f"{CALLBACKS} (StepBackup._load_model)",
+        "exact resume breaks: a resumed fit counts its epochs from 0 again",
+        compiled_model),
+    step_backup_hook("_load_model", "the step and the seed-generator states are not restored"),
+    step_backup_hook("_save_model", "checkpoints are not atomic and lack the step and the "
+                                    "seed-generator states"),
+    Reliance(
+        "_current_epoch", BACKUP, f"{CALLBACKS} (StepBackup._load_model, _save_model)",
+        "exact resume breaks: checkpoints cannot be written, or record a stale epoch",
+        started_backup),
+    Reliance(
+        "_last_batch_seen", BACKUP, f"{CALLBACKS} (StepBackup._save_model)",
+        "checkpoints cannot be written: their metadata records the batch",
+        started_backup),
+    skip_bad_steps_hook("_stateful_handle_finite_grads", "TensorFlow and PyTorch",
+                        GOOD_STEPS_SCALED),
+    skip_bad_steps_hook("_stateful_handle_non_finite_grads", "TensorFlow and PyTorch",
+                        BAD_STEPS_UNCOUNTED),
+    skip_bad_steps_hook("_stateless_handle_finite_grads", "JAX", GOOD_STEPS_SCALED),
+    skip_bad_steps_hook("_stateless_handle_non_finite_grads", "JAX", BAD_STEPS_UNCOUNTED),
+    Reliance(
+        "_variables", OPTIMIZER,
+        f"{OPTIMIZERS} (SkipBadSteps._stateless_handle_finite_grads)",
+        "NaN-skipping breaks on JAX: the wrapper's own variables cannot be told from "
+        "the inner optimizer's",
+        built_loss_scale_optimizer,
+        expect=leads_the_optimizer_variables,
+        expectation="the first of a built optimizer's variables"),
+]
+
+
+@pytest.mark.parametrize("reliance", RELIANCES, ids=lambda r: r.name)
+def test_private_keras_name_is_still_there(reliance, tmp_path):
+    holder = reliance.holder(tmp_path)
+    assert hasattr(holder, reliance.name), reliance.problem("is gone")
+    if reliance.override is not None:
+        theirs = list(inspect.signature(getattr(holder, reliance.name)).parameters)
+        ours = list(inspect.signature(getattr(reliance.override, reliance.name)).parameters)
+        assert theirs == ours, reliance.problem(
+            f"now takes ({', '.join(theirs)}), where {reliance.override.__name__} "
+            f"overrides it taking ({', '.join(ours)})")
+    if reliance.expect is not None:
+        assert reliance.expect(holder), reliance.problem(
+            f"is no longer {reliance.expectation}")
