@@ -209,7 +209,7 @@ def test_pipeline_rejects_non_finite():
     x[3, 1, 0] = np.nan
     x[7, 0, 0] = np.inf
     x[7, 0, 1] = -np.inf
-    with pytest.raises(ValueError, match=r"3 non-finite.*first bad row: 3"):
+    with pytest.raises(ValueError, match=r"3 non-finite.*first in row 3"):
         make_dataset(x, 2)
 
 

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 import keras_rnode as kr
 from keras_rnode.callbacks import BadSteps, NFEWatch, SolverFailures, StepBackup
-from keras_rnode.cli import log_prob_batches
 from keras_rnode.datasets import make_dataset, toy
+from keras_rnode.evaluation import log_prob_batches
 from keras_rnode.optimizers import SkipBadSteps
 from tests.backend_utils import build_optimizer
 
@@ -105,7 +105,7 @@ def test_nan_in_numpy_data_is_an_error_before_the_first_step():
     with pytest.raises(ValueError, match="row 37"):
         model.fit(x, epochs=1, batch_size=64, verbose=0)
     assert model.optimizer.iterations.numpy() == 0
-    with pytest.raises(ValueError, match="row: 37"):
+    with pytest.raises(ValueError, match="row 37"):
         make_dataset(x, 64)
 
 

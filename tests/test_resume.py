@@ -16,10 +16,11 @@ from click.testing import CliRunner
 
 import keras_rnode as kr
 from keras_rnode import callbacks
-from keras_rnode.cli import load_model, main
+from keras_rnode.cli import main
 from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.optimizers import SkipBadSteps
 from keras_rnode.resumable import fit_resumable, phases
+from keras_rnode.runs import load_model
 
 # 256 points in batches of 64: 4 steps an epoch. Fast evaluation and picture; Euler
 # steps, the cheapest solver to trace (these tests are about checkpoints, not solvers).

@@ -1,4 +1,5 @@
-"""Data: FFJORD's 2-D toy distributions, scikit-learn digits, MNIST, CIFAR-10, tf.data."""
+"""Data: FFJORD's 2-D toy distributions, scikit-learn digits, MNIST, CIFAR-10, tf.data,
+and the lookup of a data set by name (`load_data`)."""
 
 from keras_rnode.datasets.images import (
     CIFAR10_LEVELS,
@@ -9,15 +10,31 @@ from keras_rnode.datasets.images import (
     mnist,
 )
 from keras_rnode.datasets.pipeline import make_dataset
+from keras_rnode.datasets.registry import (
+    IMAGE_DATASETS,
+    TOY_TEST_SIZE,
+    check_dataset,
+    dataset_name,
+    is_image_dataset,
+    load_data,
+    load_npy,
+)
 from keras_rnode.datasets.toy import TOY_NAMES, toy, toy_entropy
 
 __all__ = [
     "CIFAR10_LEVELS",
     "DIGITS_LEVELS",
+    "IMAGE_DATASETS",
     "MNIST_LEVELS",
     "TOY_NAMES",
+    "TOY_TEST_SIZE",
+    "check_dataset",
     "cifar10",
+    "dataset_name",
     "digits",
+    "is_image_dataset",
+    "load_data",
+    "load_npy",
     "make_dataset",
     "mnist",
     "toy",

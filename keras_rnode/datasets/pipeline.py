@@ -3,17 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-
-def _check_finite(x):
-    if not np.issubdtype(x.dtype, np.floating):
-        return
-    bad = ~np.isfinite(x)
-    count = int(bad.sum())
-    if count:
-        first_row = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
-        raise ValueError(
-            f"x has {count} non-finite value(s) (NaN or inf); first bad row: {first_row}"
-        )
+from keras_rnode import checks
 
 
 def make_dataset(
@@ -30,16 +20,13 @@ def make_dataset(
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
     if x.ndim < 2:
         raise ValueError(f"x must have rank >= 2 (samples, *event), got shape {x.shape}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be an integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = checks.integer(batch_size, "batch_size")
     if drop_remainder and batch_size > len(x):
         raise ValueError(
             f"batch_size {batch_size} exceeds the {len(x)} samples; with "
             "drop_remainder=True no batch would be produced"
         )
-    _check_finite(x)
+    checks.check_finite(x, "x")
 
     ds = tf.data.Dataset.from_tensor_slices(x)
     # Cache before shuffling: the cached pass is reused, the order is not.
@@ -49,5 +36,5 @@ def make_dataset(
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)

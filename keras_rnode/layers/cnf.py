@@ -16,7 +16,13 @@ from keras_rnode import checks
 from keras_rnode.layers import divergence
 from keras_rnode.layers.dynamics import validate_dynamics_output
 from keras_rnode.solvers.odeint import odeint
-from keras_rnode.solvers.settings import SettingError, SolverSettings, resolve, split_options
+from keras_rnode.solvers.settings import (
+    SettingError,
+    flatten_pair,
+    pop_pair,
+    resolve,
+    split_options,
+)
 
 STAT_NAMES = ("nfe", "accepted", "rejected", "status", "backward_nfe")
 
@@ -159,17 +165,12 @@ class CNF(keras.layers.Layer):
         config.update(
             dynamics=keras.saving.serialize_keras_object(self.dynamics),
             trace=self.trace, noise=self.noise, T=self.T, seed=self.seed,
-            eval_trace=self.eval_trace, **self.train_solver.to_config(),
-            **{f"eval_{k}": v for k, v in self.eval_solver.to_config().items()})
+            eval_trace=self.eval_trace, **flatten_pair(self.train_solver, self.eval_solver))
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["dynamics"] = keras.saving.deserialize_keras_object(config["dynamics"])
-        train = SolverSettings.from_config(split_options(config))
-        # Configs saved before the evaluation solver had every field of its
-        # own took the rest from training.
-        evaluation = SolverSettings.from_config(
-            {**train.to_config(), **split_options(config, "eval_")})
+        train, evaluation = pop_pair(config)
         return cls(solver=train, eval_solver=evaluation, **config)

@@ -161,6 +161,24 @@ def split_options(options, prefix=""):
     return {name: options.pop(prefix + name) for name in FIELDS if prefix + name in options}
 
 
+def flatten_pair(train, evaluation):
+    """A training and an evaluation solver as one flat dict of fields, the evaluation
+    solver's named with "eval_" (as CNF's keywords and `rnode train`'s options)."""
+    return {**train.to_config(), **{f"eval_{k}": v for k, v in evaluation.to_config().items()}}
+
+
+def pop_pair(config):
+    """(training, evaluation) SolverSettings popped out of a `flatten_pair` dict.
+
+    The evaluation solver takes what it does not name from training: configs
+    saved before it named every field of its own rely on that.
+    """
+    train = SolverSettings.from_config(split_options(config))
+    evaluation = SolverSettings.from_config(
+        {**train.to_config(), **split_options(config, "eval_")})
+    return train, evaluation
+
+
 def resolve(solver, options, caller="odeint"):
     """The SolverSettings of a call: `solver` (or the defaults), with keyword options replacing
     its fields. TypeError for an option that is not a field."""

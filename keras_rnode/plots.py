@@ -1,0 +1,84 @@
+"""Figures of a model: its density beside the data (2-D), and its samples (2-D or images).
+
+matplotlib is imported inside the functions: a model that is never drawn
+never pays for it.
+"""
+
+import math
+
+import numpy as np
+
+from keras_rnode.evaluation import log_prob_batches
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, axes, path):
+    """Write the figure to `path` without axis ticks, and free it."""
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_density(model, x, path, batch_size=500, resolution=80):
+    """2-D data: a histogram of x beside the model's density on a grid."""
+    lo, hi = np.percentile(x, [0.5, 99.5], axis=0)
+    pad = 0.1 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], resolution),
+                         np.linspace(lo[1], hi[1], resolution))
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
+    # A picture: far from the data a solve may give up; show what it has.
+    log_p, _, _ = log_prob_batches(model, grid, batch_size, strict=False)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    axes[0].hist2d(x[:, 0], x[:, 1], bins=resolution, range=[[lo[0], hi[0]], [lo[1], hi[1]]])
+    axes[0].set_title("data")
+    axes[1].pcolormesh(gx, gy, np.exp(log_p).reshape(gx.shape), shading="auto")
+    axes[1].set_title("model density")
+    for ax in axes:
+        ax.set_aspect("equal")
+    _save(plt, fig, axes, path)
+
+
+def save_samples(samples, path, levels=None):
+    """Samples to .npy (the array) or .png (a scatter for 2-D, a grid for images)."""
+    samples = np.asarray(samples)
+    if path.endswith(".npy"):
+        np.save(path, samples)
+        return
+    if not path.endswith(".png"):
+        raise ValueError(f"samples are written to a .npy or .png file, got {path!r}")
+    plt = _pyplot()
+    if samples.ndim == 4:
+        n = len(samples)
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        h, w, c = samples.shape[1:]
+        canvas = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.float32)
+        scale = (levels - 1) if levels else max(float(samples.max()), 1.0)
+        for i, image in enumerate(samples):
+            r, q = divmod(i, cols)
+            canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = (
+                image / scale)
+        fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
+        ax.imshow(canvas[..., 0] if c == 1 else np.clip(canvas, 0, 1), cmap="gray",
+                  vmin=0, vmax=1)
+    elif samples.ndim == 2 and samples.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(samples[:, 0], samples[:, 1], s=2)
+        ax.set_aspect("equal")
+    else:
+        raise ValueError(f"cannot draw samples of shape {samples.shape[1:]} as a PNG; "
+                         "write them to a .npy file")
+    _save(plt, fig, [ax], path)
