@@ -359,6 +359,48 @@ def test_max_steps_reached_eager_and_graph():
 # NaN handling.
 
 
+def _rk4_recurrence_float32(rate, h, steps):
+    y, f = np.float32(1.0), lambda y_: np.float32(-rate) * y_
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(steps):
+            k1 = f(y)
+            k2 = f(y + np.float32(h / 2) * k1)
+            k3 = f(y + np.float32(h / 2) * k2)
+            k4 = f(y + np.float32(h) * k3)
+            y = y + np.float32(h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+    return y
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method, rate", [("rk4", 4000.0), ("euler", 4e10)])
+def test_fixed_step_solve_that_ends_in_nan_says_so(method, rate, mode):
+    # rk4 at step 0.25 on dy/dt = -4000 y: the amplification factor is about
+    # 2.8e10 per step, so float32 overflows to inf and then to NaN, as the
+    # same recurrence does in NumPy. It used to report "success". (Euler's
+    # factor is 1 - 0.25 rate: it needs a stiffer problem to overflow.)
+    if method == "rk4":
+        assert not np.isfinite(_rk4_recurrence_float32(rate, 0.25, 4))
+    solve = compiled(lambda y: kr.odeint(lambda t, y_: -rate * y_, y, 0.0, 1.0,
+                                         method=method, step_size=0.25,
+                                         gradient="none").stats, mode)
+    s = {k: int(np_(v)) for k, v in solve(f32([1.0])).items()}
+    assert s["status"] == Status.NON_FINITE_STATE
+    # It stops at the first non-finite state instead of stepping on in NaN.
+    assert 1 <= s["accepted"] <= 4 and s["nfe"] == s["accepted"] * (4 if method == "rk4" else 1)
+    sol = kr.odeint(lambda t, y_: -rate * y_, f32([1.0]), 0.0, 1.0, method=method,
+                    step_size=0.25)
+    assert sol.status == "non_finite_state" and not sol.succeeded
+    assert not np.isfinite(np_(sol.y)).all()
+
+
+def test_adaptive_solve_that_ends_in_nan_says_so():
+    # A state left out of error control can go non-finite in accepted steps.
+    sol = kr.odeint(lambda t, y: (-y[0], y[1] * y[1] * 1e3), (f64([1.0]), f64([1.0])),
+                    0.0, 1.0, error_control=(True, False), gradient="none")
+    assert sol.status == "non_finite_state"
+    np.testing.assert_allclose(np_(sol.y[0]), [np.exp(-1.0)], rtol=1e-4)
+
+
 @pytest.mark.skipif(BACKEND == "jax", reason="func reads its values; JAX traces it")
 def test_nan_from_too_large_step_is_rejected_and_recovers():
     # y' = -sqrt(y), y(0) = 1: y = (1 - t/2)^2, y(1.5) = 0.0625. A first

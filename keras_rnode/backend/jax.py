@@ -7,47 +7,54 @@ import numpy as np
 from keras_rnode.backend.common import matmul, recorder_read  # noqa: F401  (hooks)
 
 
-def differentiable_solve(func, y0, forward, backward):
-    """forward(func, y0) -> (y1, stats, residuals), with a gradient of our own.
+def differentiable_solve(func, y0, inputs, forward, backward):
+    """forward(func, y0, inputs) -> (y1, stats, residuals), with a gradient of our own.
 
     `lax.while_loop` has no reverse-mode derivative, so the solve is a
     `jax.custom_vjp`. Its rule must see every value being differentiated
     as an argument, but the dynamics read their weights from Keras's
-    state (tracers when inside `jax.grad`): `jax.closure_convert` hoists
-    those out of func as explicit `params`. backward(func_p, params,
-    residuals, y1, grads_y1) -> (grads_y0, grads_params) with
-    func_p(t, y, params). backward=None: no gradient.
+    state (tracers when inside `jax.grad`), and perhaps other traced
+    values from their closure: `jax.closure_convert` hoists all those out
+    of func as explicit `params`. func(t, y, inputs) is the dynamics;
+    `inputs` (end times, `args`) are differentiated like y0.
+    backward(func_p, params, y0, inputs, residuals, y1, grads_y1) ->
+    (grads_y0, grads_inputs, grads_params) with func_p(t, y, inputs,
+    params). backward=None: no gradient.
     """
     t_like = jnp.zeros((), y0[0].dtype)
-    func_p, params = jax.closure_convert(lambda t, y: func(t, y), t_like, list(y0))
+    func_c, params = jax.closure_convert(lambda t, y, i: func(t, y, i), t_like, list(y0),
+                                         list(inputs))
+
+    def func_p(t, y, i, p):
+        return func_c(t, y, i, *p)
 
     def bound(p):
-        return lambda t, y: func_p(t, y, *p)
+        return lambda t, y, i: func_p(t, y, i, p)
 
     if backward is None:
-        p = [jax.lax.stop_gradient(v) for v in params]
-        y1, stats, _ = forward(bound(p), [jax.lax.stop_gradient(v) for v in y0])
+        stop = jax.lax.stop_gradient
+        y1, stats, _ = forward(bound([stop(v) for v in params]), [stop(v) for v in y0],
+                               [stop(v) for v in inputs])
         return y1, stats
 
     @jax.custom_vjp
-    def run(y0_, p):
-        y1, stats, _ = forward(bound(p), y0_)
+    def run(y0_, inputs_, p):
+        y1, stats, _ = forward(bound(p), y0_, inputs_)
         return y1, stats
 
-    def run_fwd(y0_, p):
-        y1, stats, residuals = forward(bound(p), y0_)
-        return (y1, stats), (residuals, y1, p)
+    def run_fwd(y0_, inputs_, p):
+        y1, stats, residuals = forward(bound(p), y0_, inputs_)
+        return (y1, stats), (residuals, y0_, inputs_, y1, p)
 
     def run_bwd(saved, cotangents):
-        residuals, y1, p = saved
+        residuals, y0_, inputs_, y1, p = saved
         grads_y1, _ = cotangents  # the integer stats have no cotangent
         grads_y1 = [jnp.zeros_like(y) if g is None else g for y, g in zip(y1, grads_y1)]
-        grads_y0, grads_p = backward(
-            lambda t, y, p_: func_p(t, y, *p_), list(p), residuals, y1, grads_y1)
-        return list(grads_y0), list(grads_p)
+        grads = backward(func_p, list(p), y0_, inputs_, residuals, y1, grads_y1)
+        return tuple(list(g) for g in grads)
 
     run.defvjp(run_fwd, run_bwd)
-    y1, stats = run(list(y0), list(params))
+    y1, stats = run(list(y0), list(inputs), list(params))
     return list(y1), list(stats)
 
 

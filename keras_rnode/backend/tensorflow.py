@@ -1,45 +1,72 @@
 """TensorFlow implementations of the backend hooks."""
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from keras_rnode.backend.common import matmul  # noqa: F401  (a hook)
 
 
-def differentiable_solve(func, y0, forward, backward):
-    """forward(func, y0) -> (y1, stats, residuals), with a gradient of our own.
+def differentiable_solve(func, y0, inputs, forward, backward):
+    """forward(func, y0, inputs) -> (y1, stats, residuals), with a gradient of our own.
 
-    backward(func_p, params, residuals, y1, grads_y1) -> (grads_y0,
-    grads_params) runs when a tape asks for gradients. Here `params` are
-    the trainable variables the dynamics read during the forward solve
-    (TensorFlow finds them for us) and func_p(t, y, params) is func, which
-    reads them itself. No gradient is ever taken through the solver's
-    loops, so TensorFlow keeps no per-iteration stacks (the cause of XLA's
-    slowness with `maximum_iterations`). backward=None: no gradient.
+    func(t, y, inputs) is the dynamics; `inputs` (end times, `args`) are
+    differentiated like y0. backward(func_p, params, y0, inputs, residuals,
+    y1, grads_y1) -> (grads_y0, grads_inputs, grads_params) runs when a tape
+    asks for gradients, with func_p(t, y, inputs, params). Here `params`
+    are what func reads besides y and inputs that a tape records: the
+    trainable variables (TensorFlow finds them for us) and the tensors func
+    captures from outside the solve (`_recorded_captures` finds those; a
+    custom gradient would otherwise leave them at None). func reads them
+    all itself. No gradient is ever taken through the solver's loops, so
+    TensorFlow keeps no per-iteration stacks (the cause of XLA's slowness
+    with `maximum_iterations`). backward=None: no gradient.
     """
-    n = len(y0)
+    n, m = len(y0), len(inputs)
     if backward is None:
         # On the outputs: a gradient must not reach the weights through the loops.
-        y1, stats, _ = forward(func, y0)
+        y1, stats, _ = forward(func, y0, inputs)
         return [tf.stop_gradient(v) for v in y1], stats
+    captured = _recorded_captures(func, y0, inputs)
 
     @tf.custom_gradient
-    def run(*y0_):
-        y1, stats, residuals = forward(func, list(y0_))
+    def run(*flat):
+        y0_, inputs_, captured_ = list(flat[:n]), list(flat[n:n + m]), list(flat[n + m:])
+        y1, stats, residuals = forward(func, y0_, inputs_)
 
         def grad(*dys, variables=None):
-            dys = [
-                tf.zeros_like(y) if d is None else d for y, d in zip(y1, dys[:n])
-            ]
-            grads_y0, grads_vars = backward(
-                lambda t, y, params: func(t, y), list(variables or []), residuals, y1, dys)
+            dys = [tf.zeros_like(y) if d is None else d for y, d in zip(y1, dys[:n])]
+            grads_y0, grads_inputs, grads_params = backward(
+                lambda t, y, i, p: func(t, y, i), captured_ + list(variables or []), y0_,
+                inputs_, residuals, y1, dys)
+            flat_grads = [*grads_y0, *grads_inputs, *grads_params[:len(captured_)]]
             if variables is None:
-                return grads_y0
-            return grads_y0, grads_vars
+                return flat_grads
+            return flat_grads, list(grads_params[len(captured_):])
 
         return (*y1, *stats), grad
 
-    out = run(*y0)
+    out = run(*y0, *inputs, *captured)
     return list(out[:n]), list(out[n:])
+
+
+def _recorded_captures(func, y0, inputs):
+    """The floating tensors func reads from outside the solve that a gradient tape records.
+
+    Tracing func into a graph lists what it captures (variables come as
+    resource handles and are left out: TensorFlow finds those itself); of
+    those, the ones some active tape records need a gradient. Nothing is
+    traced when no tape could be recording. Uses two names of
+    tensorflow.python.eager.record, which tests/test_keras_private_api.py
+    watches.
+    """
+    if not record.could_possibly_record():
+        return []
+    specs = [tf.TensorSpec.from_tensor(tf.convert_to_tensor(v)) for v in [*y0, *inputs]]
+    n = len(y0)
+    concrete = tf.function(lambda t, *values: func(t, list(values[:n]), list(values[n:]))
+                           ).get_concrete_function(tf.TensorSpec((), y0[0].dtype), *specs)
+    return [c for c in concrete.captured_inputs
+            if c.dtype.is_floating and record.should_record_backprop([c])]
 
 
 def jacobian_product(fn, z, v):

@@ -14,15 +14,19 @@ from keras import ops
 from keras_rnode.backend.common import recorder_read  # noqa: F401  (a hook)
 
 
-def _parameters(func, y0):
-    """The leaf tensors needing gradients that func reads besides y: its weights.
+def _parameters(func, y0, inputs):
+    """The leaf tensors needing gradients that func reads besides y and inputs: its weights.
 
     TensorFlow's tape and JAX's closure conversion find them for us; here
-    one evaluation at y0 (detached, so the walk stays inside func) is
-    walked back to its AccumulateGrad nodes.
+    one evaluation at y0 (y and inputs detached, so the walk stays inside
+    func) is walked back to its AccumulateGrad nodes. A tensor that func
+    captures from outside the solve is walked through to the leaves it
+    comes from, which then get their gradient through it (`vjp` keeps its
+    graph for that).
     """
     with torch.enable_grad():
-        out = func(torch.zeros((), dtype=y0[0].dtype), [y.detach() for y in y0])
+        out = func(torch.zeros((), dtype=y0[0].dtype), [y.detach() for y in y0],
+                   [v.detach() for v in inputs])
     found, seen = {}, set()
     stack = [o.grad_fn for o in out if o.grad_fn is not None]
     while stack:
@@ -39,40 +43,44 @@ def _parameters(func, y0):
 
 class _Solve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, *inputs):
-        func, forward, backward, n = plan
-        y0, params = list(inputs[:n]), list(inputs[n:])
-        y1, stats, residuals = forward(func, y0)
-        ctx.plan, ctx.params, ctx.residuals, ctx.y1 = plan, params, residuals, y1
+    def forward(ctx, plan, *flat):
+        func, forward, backward, n, m = plan
+        y0, inputs, params = list(flat[:n]), list(flat[n:n + m]), list(flat[n + m:])
+        y1, stats, residuals = forward(func, y0, inputs)
+        ctx.plan, ctx.residuals, ctx.y1 = plan, residuals, y1
+        ctx.y0, ctx.inputs, ctx.params = y0, inputs, params
         ctx.mark_non_differentiable(*stats)
         return (*y1, *stats)
 
     @staticmethod
     def backward(ctx, *cotangents):
-        func, _, backward, n = ctx.plan
+        func, _, backward, n, _ = ctx.plan
         grads_y1 = [torch.zeros_like(y) if g is None else g
                     for y, g in zip(ctx.y1, cotangents[:n])]
-        grads_y0, grads_p = backward(
-            lambda t, y, params: func(t, y), ctx.params, ctx.residuals, ctx.y1, grads_y1)
-        return (None, *grads_y0, *grads_p)
+        grads_y0, grads_inputs, grads_p = backward(
+            lambda t, y, i, p: func(t, y, i), ctx.params, ctx.y0, ctx.inputs, ctx.residuals,
+            ctx.y1, grads_y1)
+        return (None, *grads_y0, *grads_inputs, *grads_p)
 
 
-def differentiable_solve(func, y0, forward, backward):
-    """forward(func, y0) -> (y1, stats, residuals), with a gradient of our own.
+def differentiable_solve(func, y0, inputs, forward, backward):
+    """forward(func, y0, inputs) -> (y1, stats, residuals), with a gradient of our own.
 
-    backward(func_p, params, residuals, y1, grads_y1) -> (grads_y0,
-    grads_params): `params` are the weights func reads (found by
-    `_parameters`) and func_p(t, y, params) is func, which reads them
-    itself. backward=None, or nothing to differentiate: no gradient.
+    func(t, y, inputs) is the dynamics; `inputs` (end times, `args`) are
+    differentiated like y0. backward(func_p, params, y0, inputs, residuals,
+    y1, grads_y1) -> (grads_y0, grads_inputs, grads_params): `params` are
+    the weights func reads (found by `_parameters`) and func_p(t, y,
+    inputs, params) is func, which reads them itself. backward=None, or
+    nothing to differentiate: no gradient.
     """
-    n = len(y0)
+    n, m = len(y0), len(inputs)
     wanted = backward is not None and torch.is_grad_enabled()
-    params = _parameters(func, y0) if wanted else []
-    if not (params or wanted and any(y.requires_grad for y in y0)):
+    params = _parameters(func, y0, inputs) if wanted else []
+    if not (params or wanted and any(v.requires_grad for v in [*y0, *inputs])):
         with torch.no_grad():
-            y1, stats, _ = forward(func, [y.detach() for y in y0])
+            y1, stats, _ = forward(func, [y.detach() for y in y0], [v.detach() for v in inputs])
         return list(y1), list(stats)
-    out = _Solve.apply((func, forward, backward, n), *y0, *params)
+    out = _Solve.apply((func, forward, backward, n, m), *y0, *inputs, *params)
     return list(out[:n]), list(out[n:])
 
 
@@ -101,8 +109,11 @@ def vjp(fn, primals, params, cotangents):
         outputs = fn(primals, params)
         live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
         inputs = primals + list(params)
+        # retain_graph: a tensor func captured from outside the solve is
+        # differentiated through at every step, so its graph must outlive one.
         grads = torch.autograd.grad(
-            [o for o, _ in live], inputs, [c for _, c in live], allow_unused=True)
+            [o for o, _ in live], inputs, [c for _, c in live], allow_unused=True,
+            retain_graph=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
     return ([o.detach() for o in outputs], grads[: len(primals)], grads[len(primals):])
 

@@ -31,6 +31,10 @@ def _static_length(t0, t1):
     return None
 
 
+def _all_finite(y):
+    return ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in y]))
+
+
 def fixed_step_count(length, step_size):
     # Uniform steps that land exactly on t1; the small slack keeps
     # 1.0 / 0.1 from becoming 11 steps.
@@ -137,8 +141,11 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
                              underflow=ops.zeros((), "bool"),
                              control=controller.initial_state(), recorder=recorder)
     (final,) = ops.while_loop(cond, body, (initial,))
+    # A rejected step never enters y, but a state left out of error control
+    # can carry NaN to the end.
+    reached = ops.where(_all_finite(final.y), Status.SUCCESS, Status.NON_FINITE_STATE)
     status = ops.where(
-        final.s >= length, Status.SUCCESS,
+        final.s >= length, reached,
         ops.where(final.underflow, Status.STEP_UNDERFLOW, Status.MAX_STEPS_REACHED),
     )
     records = (final.recorder, final.accepted) if record else None
@@ -160,21 +167,23 @@ def _fixed(func, settings, y0, t0, direction, length, static_length, record):
     h = length / ops.maximum(ops.cast(count, dtype), 1.0)
     recorder = backend.recorder_new(capacity, [ops.zeros((2,), dtype), *y0]) if record else []
 
-    def cond(i, y, recorder):
-        return i < steps
+    # A fixed step takes whatever comes: a state gone to NaN or inf stops the
+    # loop, and the status says so.
+    def cond(i, y, finite, recorder):
+        return (i < steps) & finite
 
-    def body(i, y, recorder):
+    def body(i, y, finite, recorder):
         s = ops.cast(i, dtype) * h
         t = t0 + direction * s
         if record:
             recorder = backend.recorder_write(
                 recorder, i, [ops.stack([s, h]), *y], ops.ones((), "bool"))
         y_new, _, _ = rk_step(func, tableau, t, y, direction * h, func(t, y))
-        return i + 1, y_new, recorder
+        return i + 1, y_new, _all_finite(y_new), recorder
 
-    _, y, recorder = ops.while_loop(
-        cond, body, (ops.zeros((), "int32"), list(y0), recorder))
-    steps = ops.convert_to_tensor(steps, "int32")
-    status = ops.where(steps >= count, Status.SUCCESS, Status.MAX_STEPS_REACHED)
-    stats = _stats(steps * tableau.stages, steps, ops.zeros((), "int32"), status)
-    return y, stats, ((recorder, steps) if record else None)
+    taken, y, finite, recorder = ops.while_loop(
+        cond, body, (ops.zeros((), "int32"), list(y0), _all_finite(y0), recorder))
+    status = ops.where(taken >= count, Status.SUCCESS, Status.MAX_STEPS_REACHED)
+    status = ops.where(finite, status, Status.NON_FINITE_STATE)
+    stats = _stats(taken * tableau.stages, taken, ops.zeros((), "int32"), status)
+    return y, stats, ((recorder, taken) if record else None)

@@ -2,6 +2,7 @@
 
 import numbers
 
+import keras
 import numpy as np
 from keras import ops
 from keras import tree
@@ -16,14 +17,21 @@ from keras_rnode.solvers.settings import resolve
 STAT_NAMES = ("nfe", "accepted", "rejected", "status")
 
 
-def odeint(func, y0, t0=0.0, t1=1.0, *, solver=None, error_control=None, on_backward=None,
-           **options):
-    """Integrate dy/dt = func(t, y) from t0 to t1 (t1 < t0 runs backwards).
+def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=None,
+           on_backward=None, **options):
+    """Integrate dy/dt = func(t, y) (or func(t, y, args)) from t0 to t1 (t1 < t0 runs backwards).
 
     Args:
-        func: callable (t, y) -> dy/dt with the structure and shapes of y.
+        func: callable (t, y) -> dy/dt with the structure and shapes of y;
+            with `args`, (t, y, args) -> dy/dt.
         y0: a floating tensor or a tuple/list of them (any shapes, one dtype).
-        t0, t1: the ends (finite numbers or scalar tensors).
+        t0, t1: the ends: finite numbers, or scalar tensors (or variables),
+            which then get gradients: dL/dt1 = <dL/dy(t1), f(t1, y(t1))>,
+            dL/dt0 = -<dL/dy(t0), f(t0, y0)>, with either gradient method.
+        args: a tensor or a structure of tensors handed to func whole and
+            differentiated like the weights func reads (a conditional
+            flow's context, an encoder's output). Pass here every tensor
+            that func reads from outside and that needs a gradient.
         solver: a `SolverSettings`; or give its fields as keywords:
             method ("dopri5" adaptive, "rk4" or "euler" fixed-step),
             rtol, atol, step_size (fixed-step methods), max_steps,
@@ -34,7 +42,7 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, solver=None, error_control=None, on_back
         on_backward: called with the backward solve's stats dict (adjoint
             only) when gradients are computed; not on JAX, whose custom
             gradients cannot have side effects. A backward solve that fails
-            (max_steps, step underflow) gives NaN gradients.
+            (max_steps, step underflow, a non-finite state) gives NaN gradients.
 
     Returns:
         A `Solution` with `y` (structure of y0) and `stats`.
@@ -45,36 +53,92 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, solver=None, error_control=None, on_back
     """
     settings = resolve(solver, options)
     flat_y0, controlled = _validate(func, y0, t0, t1, error_control)
-    structure = y0
+    dtype = flat_y0[0].dtype
+    # What the solve reads besides y0 that can carry a gradient: the end
+    # times (unless both are plain numbers, which keeps a fixed-step count
+    # known while tracing) and args.
+    timed = not (_is_number(t0) and _is_number(t1))
+    ends = [_tensor(t, dtype) for t in (t0, t1)] if timed else []
+    inputs = ends + ([] if args is None else [_tensor(v) for v in tree.flatten(args)])
 
-    def flat_func(t, y):
-        out = func(t, tree.pack_sequence_as(structure, y))
-        _check_output(structure, y, out)
+    def unpack(flat_inputs):
+        """(t0, t1, args) from the flat inputs."""
+        start, end = flat_inputs[:2] if timed else (t0, t1)
+        rest = None if args is None else tree.pack_sequence_as(args, flat_inputs[len(ends):])
+        return start, end, rest
+
+    def flat_func(t, y, flat_inputs):
+        state = tree.pack_sequence_as(y0, y)
+        out = func(t, state) if args is None else func(t, state, unpack(flat_inputs)[2])
+        _check_output(y0, y, out)
         return tree.flatten(out)
 
-    def forward(f, y0_list):
-        return integrate(f, settings, y0_list, t0, t1, controlled=controlled,
-                         record=settings.gradient == "direct")
+    def forward(f, y0_, inputs_):
+        start, end, _ = unpack(inputs_)
+        return integrate(lambda t, y: f(t, y, inputs_), settings, y0_, start, end,
+                         controlled=controlled, record=settings.gradient == "direct")
 
-    def backward(func_p, params, records, y1, grads_y1):
+    def backward(f, params, y0_, inputs_, records, y1, grads_y1):
+        start, end, _ = unpack(inputs_)
+        # The inputs are constants of the dynamics as the weights are: the
+        # gradient methods differentiate one list of both.
+        k = len(inputs_)
+
+        def f_c(t, y, constants):
+            return f(t, y, constants[:k], constants[k:])
+
+        constants = [*inputs_, *params]
         if settings.gradient == "direct":
-            return direct_backward(func_p, params, settings.tableau, t0, t1, records,
-                                   grads_y1)
-        grads_y0, grads_p, stats = adjoint_backward(
-            func_p, params, settings, y1, t0, t1, grads_y1, controlled)
-        if on_backward is not None and backend.REPORTS_BACKWARD:
-            on_backward(dict(zip(STAT_NAMES, stats)))
+            grads_y0, grads_c = direct_backward(f_c, constants, settings.tableau, start, end,
+                                                records, grads_y1)
+            ok = True
+        else:
+            grads_y0, grads_c, stats = adjoint_backward(f_c, constants, settings, y1, start,
+                                                        end, grads_y1, controlled)
+            if on_backward is not None and backend.REPORTS_BACKWARD:
+                on_backward(dict(zip(STAT_NAMES, stats)))
+            ok = stats[3] == Status.SUCCESS
+        grads_inputs, grads_params = list(grads_c[:k]), list(grads_c[k:])
+        if timed:
+            grads_inputs[:2] = _end_time_gradients(lambda t, y: f(t, y, inputs_, params),
+                                                   start, end, y0_, y1, grads_y0, grads_y1)
+        grads = (list(grads_y0), grads_inputs, grads_params)
+        if ok is True:
+            return grads
         # A backward solve that stopped short of t0 has no gradient to give:
         # NaN shows it (and lets a NaN-skipping optimizer skip the step)
         # where the adjoint reached would pass for one.
-        ok = stats[3] == Status.SUCCESS
-        return tuple([ops.where(ok, g, ops.full_like(g, float("nan"))) for g in grads]
-                     for grads in (grads_y0, grads_p))
+        return tuple([ops.where(ok, g, ops.full_like(g, float("nan"))) for g in group]
+                     for group in grads)
 
     y1, stats = backend.differentiable_solve(
-        flat_func, flat_y0, forward, None if settings.gradient == "none" else backward)
-    return Solution(y=tree.pack_sequence_as(structure, y1),
-                    stats=dict(zip(STAT_NAMES, stats)))
+        flat_func, flat_y0, inputs, forward,
+        None if settings.gradient == "none" else backward)
+    return Solution(y=tree.pack_sequence_as(y0, y1), stats=dict(zip(STAT_NAMES, stats)))
+
+
+def _end_time_gradients(f, t0, t1, y0, y1, grads_y0, grads_y1):
+    """[dL/dt0, dL/dt1]: y(t1) moves with t1 at f(t1, y(t1)); moving t0
+    shifts the start, whose cotangent is dL/dy0, by -f(t0, y0)."""
+    def inner(a, b):
+        return sum(ops.sum(u * v) for u, v in zip(a, b))
+
+    return [-inner(grads_y0, f(t0, y0)), inner(grads_y1, f(t1, y1))]
+
+
+def _is_number(t):
+    return isinstance(t, numbers.Real) and not isinstance(t, bool)
+
+
+def _tensor(v, dtype=None):
+    """v as a tensor: a Keras variable's value (read here, outside the solve, so
+    that the solve sees an input and not a weight); NumPy arrays keep their
+    dtype (Keras's PyTorch backend would make float64 into float32)."""
+    if isinstance(v, keras.Variable):
+        v = v.value
+    if dtype is None and isinstance(v, np.ndarray):
+        dtype = str(v.dtype)
+    return ops.convert_to_tensor(v, dtype=dtype)
 
 
 def _check_times(t0, t1):
@@ -84,7 +148,7 @@ def _check_times(t0, t1):
     constants); a traced tensor is not known until the solve runs.
     """
     for name, t in (("t0", t0), ("t1", t1)):
-        value = t if isinstance(t, numbers.Real) else backend.static_value(t)
+        value = t if _is_number(t) else backend.static_value(_tensor(t))
         if value is None:
             continue
         if not np.all(np.isfinite(value)):
@@ -98,10 +162,7 @@ def _validate(func, y0, t0, t1, error_control):
     _check_times(t0, t1)
     if isinstance(y0, dict):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
-    # NumPy arrays keep their dtype (Keras's PyTorch backend would make
-    # float64 into float32).
-    flat = [ops.convert_to_tensor(v, dtype=str(v.dtype) if isinstance(v, np.ndarray) else None)
-            for v in tree.flatten(y0)]
+    flat = [_tensor(v) for v in tree.flatten(y0)]
     if not flat:
         raise ValueError("y0 must hold at least one tensor")
     dtypes = {str(ops.dtype(v)) for v in flat}

@@ -11,8 +11,13 @@ class Status:
     SUCCESS = 0
     MAX_STEPS_REACHED = 1
     STEP_UNDERFLOW = 2
+    # The state went NaN or inf: a fixed-step solve stops there; an adaptive
+    # one (which rejects such steps) reaches t1 with a NaN in a state left
+    # out of error control. A NaN step size is a step underflow.
+    NON_FINITE_STATE = 3
 
-    NAMES = {0: "success", 1: "max_steps_reached", 2: "step_underflow"}
+    NAMES = {0: "success", 1: "max_steps_reached", 2: "step_underflow",
+             3: "non_finite_state"}
 
     @classmethod
     def name(cls, code):
@@ -25,7 +30,8 @@ class Solution:
 
     `stats`: {"nfe", "accepted", "rejected", "status"} as int32 tensors;
     `status` codes are those of `Status`. When the solve stopped early
-    (max_steps reached, step underflow) `y` is the state where it stopped.
+    (max_steps reached, step underflow, a non-finite state) `y` is the
+    state where it stopped.
     """
 
     y: object
