@@ -1,4 +1,4 @@
-"""The private Keras names keras-rnode relies on are still there, as we use them.
+"""The private Keras (and two TensorFlow) names keras-rnode relies on are still there, as we use them.
 
 NaN-skipping (`SkipBadSteps`), exact resume (`StepBackup`) and the
 logged loss of skipped steps (`RNODE.compile`) override or read Keras
@@ -141,3 +141,34 @@ def test_private_keras_name_is_still_there(reliance, tmp_path):
     if reliance.expect is not None:
         assert reliance.expect(holder), reliance.problem(
             f"is no longer {reliance.expectation}")
+
+
+def test_seed_generator_state_keeps_its_name():
+    # StepBackup finds the seed generators' states among a model's variables by
+    # this name; renamed, a resumed run would draw other noise without a word.
+    layer = keras.layers.Dropout(0.5, seed=1)
+    names = [v.name for v in layer.variables]
+    assert "seed_generator_state" in names, (
+        f"keras {keras.__version__}: a SeedGenerator's variable is now named {names}; "
+        f"{CALLBACKS} (StepBackup._seed_states) looks for 'seed_generator_state', so exact "
+        "resume would restore no random-seed state")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's own names")
+def test_tensorflow_tape_queries_still_answer():
+    # keras_rnode/backend/tensorflow.py (_recorded_captures) asks the tapes whether a
+    # tensor that dynamics capture from outside a solve needs a gradient.
+    import tensorflow as tf
+    from tensorflow.python.eager import record
+
+    problem = (f"tensorflow {tf.__version__}: tensorflow.python.eager.record.%s answers "
+               "otherwise; keras_rnode/backend/tensorflow.py relies on it, or tensors "
+               "captured by dynamics silently get no gradient")
+    x = tf.constant(1.0)
+    assert not record.could_possibly_record(), problem % "could_possibly_record"
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        assert record.could_possibly_record(), problem % "could_possibly_record"
+        assert record.should_record_backprop([2.0 * x]), problem % "should_record_backprop"
+        assert not record.should_record_backprop([tf.constant(2.0)]), (
+            problem % "should_record_backprop")

@@ -10,8 +10,9 @@ gradient, a compiled inference function, a dtype-keeping matmul, a
 tensor's value where it is known while tracing, and the SavedModel
 endpoints an export can write.
 
-The imports are spelled out per backend, as Keras does it, so a reader
-or an editor can follow each name to its definition.
+`implementation` is the running backend's module, picked by name in one
+if-chain as Keras picks its own, so a reader or an editor follows each
+hook below to its definition there.
 """
 
 import keras
@@ -19,48 +20,26 @@ import keras
 NAME = keras.backend.backend()
 
 if NAME == "tensorflow":
-    from keras_rnode.backend.tensorflow import (
-        differentiable_solve,
-        inference_function,
-        jacobian_product,
-        matmul,
-        recorder_new,
-        recorder_read,
-        recorder_write,
-        saved_model_endpoints,
-        static_value,
-        vjp,
-    )
+    from keras_rnode.backend import tensorflow as implementation
 elif NAME == "jax":
-    from keras_rnode.backend.jax import (
-        differentiable_solve,
-        inference_function,
-        jacobian_product,
-        matmul,
-        recorder_new,
-        recorder_read,
-        recorder_write,
-        saved_model_endpoints,
-        static_value,
-        vjp,
-    )
+    from keras_rnode.backend import jax as implementation
 elif NAME == "torch":
-    from keras_rnode.backend.torch import (
-        differentiable_solve,
-        inference_function,
-        jacobian_product,
-        matmul,
-        recorder_new,
-        recorder_read,
-        recorder_write,
-        saved_model_endpoints,
-        static_value,
-        vjp,
-    )
+    from keras_rnode.backend import torch as implementation
 else:
     raise ImportError(
         f"keras-rnode runs on the tensorflow, jax and torch Keras backends; "
         f"KERAS_BACKEND={NAME!r} is not supported.")
+
+differentiable_solve = implementation.differentiable_solve
+inference_function = implementation.inference_function
+jacobian_product = implementation.jacobian_product
+matmul = implementation.matmul
+recorder_new = implementation.recorder_new
+recorder_read = implementation.recorder_read
+recorder_write = implementation.recorder_write
+saved_model_endpoints = implementation.saved_model_endpoints
+static_value = implementation.static_value
+vjp = implementation.vjp
 
 # A custom JAX gradient is a pure function: it cannot report the backward
 # solve's statistics (CNF.stats["backward_nfe"] stays 0 there).

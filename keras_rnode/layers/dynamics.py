@@ -12,6 +12,12 @@ follow FFJORD's time-conditioned blocks (Grathwohl et al., 2019):
 
 By default the last block's parameters start at zero, so ``f == 0`` exactly
 and a fresh CNF is the identity map.
+
+Conditional flows: the squash nets built with ``context_dim=C`` are called
+as ``net(t, z, context)`` with a per-sample context of shape (batch, C)
+(a label embedding, an encoder's output), which enters every block's gate
+and shift beside t, as FFJORD's conditional ConcatSquash layers take [t, c]:
+``(W x + b) * sigmoid(w_g t + b_g + c U_g) + w_h t + c U_h``.
 """
 
 import math
@@ -72,19 +78,20 @@ def _scalar_time(layer, t, dtype):
 
 
 class _ConcatSquashDense(keras.layers.Layer):
-    """(W x + b) * sigmoid(w_g t + b_g) + w_h t, with t a scalar."""
+    """(W x + b) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h], with t a scalar."""
 
-    def __init__(self, units, zero_init=False, **kwargs):
+    def __init__(self, units, zero_init=False, context_dim=None, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.zero_init = zero_init
+        self.context_dim = context_dim
 
     def build(self, input_shape):
         _add_squash_weights(self, (input_shape[-1], self.units))
 
-    def call(self, x, t):
+    def call(self, x, t, context=None):
         # backend.matmul: Keras's PyTorch matmul computes float64 in float32.
-        return _squash(self, backend.matmul(x, self.kernel), t)
+        return _squash(self, backend.matmul(x, self.kernel), t, context)
 
 
 def _add_squash_weights(layer, kernel_shape):
@@ -98,13 +105,28 @@ def _add_squash_weights(layer, kernel_shape):
     layer.gate_kernel = layer.add_weight(shape=(n,), initializer=time, name="gate_kernel")
     layer.gate_bias = layer.add_weight(shape=(n,), initializer=time, name="gate_bias")
     layer.hyper_bias = layer.add_weight(shape=(n,), initializer=time, name="hyper_bias")
+    if layer.context_dim:
+        # PyTorch's Linear init for the context's share of the [t, c] input.
+        bound = 1.0 / math.sqrt(layer.context_dim)
+        context = "zeros" if layer.zero_init else keras.initializers.RandomUniform(-bound, bound)
+        shape = (layer.context_dim, n)
+        layer.gate_context = layer.add_weight(shape=shape, initializer=context,
+                                              name="gate_context")
+        layer.hyper_context = layer.add_weight(shape=shape, initializer=context,
+                                               name="hyper_context")
 
 
-def _squash(layer, out, t):
-    """(out + b) * sigmoid(w_g t + b_g) + w_h t, `out` being the kernel applied to x."""
+def _squash(layer, out, t, context=None):
+    """(out + b) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h], `out` = the kernel on x."""
     # (n,) vectors from the scalar t, broadcast against out's last axis.
-    gate = ops.sigmoid(layer.gate_kernel * t + layer.gate_bias)
-    return (out + layer.bias) * gate + layer.hyper_bias * t
+    gate = layer.gate_kernel * t + layer.gate_bias
+    shift = layer.hyper_bias * t
+    if context is not None:
+        # (batch, n) from the context, broadcast over any spatial axes of out.
+        per_sample = (-1,) + (1,) * (len(out.shape) - 2) + (out.shape[-1],)
+        gate = gate + ops.reshape(backend.matmul(context, layer.gate_context), per_sample)
+        shift = shift + ops.reshape(backend.matmul(context, layer.hyper_context), per_sample)
+    return (out + layer.bias) * ops.sigmoid(gate) + shift
 
 
 class _ConvBlock(keras.layers.Layer):
@@ -145,14 +167,18 @@ class _ConcatConv(_ConvBlock):
 
 
 class _ConcatSquashConv(_ConvBlock):
-    """conv(x) * sigmoid(w_g t + b_g) + w_h t (FFJORD's ConcatSquashConv2d)."""
+    """conv(x) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h] (FFJORD's ConcatSquashConv2d)."""
+
+    def __init__(self, filters, kernel_size, zero_init=False, context_dim=None, **kwargs):
+        super().__init__(filters, kernel_size, zero_init=zero_init, **kwargs)
+        self.context_dim = context_dim
 
     def build(self, input_shape):
         k = self.kernel_size
         _add_squash_weights(self, (k, k, input_shape[-1], self.filters))
 
-    def call(self, x, t):
-        return _squash(self, ops.conv(x, self.kernel, padding="same"), t)
+    def call(self, x, t, context=None):
+        return _squash(self, ops.conv(x, self.kernel, padding="same"), t, context)
 
 
 # -------------------------------------------------------------- networks --
@@ -161,17 +187,25 @@ class _ConcatSquashConv(_ConvBlock):
 class _DynamicsNet(keras.layers.Layer):
     """Shared plumbing: a stack of (x, t) blocks with activations between.
 
-    Subclasses set `_rank` and implement `_make_blocks(z_shape)`.
+    Subclasses set `_rank` and implement `_make_blocks(z_shape)`; those whose
+    blocks take a context set `_takes_context`.
     """
 
     _rank = None
+    _takes_context = False
 
-    def __init__(self, activation="softplus", zero_init_last=True, **kwargs):
+    def __init__(self, activation="softplus", zero_init_last=True, context_dim=None, **kwargs):
         super().__init__(**kwargs)
         self._activation_fn, self.activation = _activation(
             type(self).__name__, activation
         )
         self.zero_init_last = bool(zero_init_last)
+        with checks.owned_by(type(self).__name__):
+            if context_dim is not None:
+                if not self._takes_context:
+                    raise ValueError("takes no context (context_dim); the squash nets do")
+                context_dim = checks.integer(context_dim, "context_dim")
+        self.context_dim = context_dim
         self._z_shape = None
 
     def _check_rank(self, shape):
@@ -184,14 +218,20 @@ class _DynamicsNet(keras.layers.Layer):
             )
         return shape
 
-    def __call__(self, t, z, **kwargs):
+    def __call__(self, t, z, context=None, **kwargs):
         # Keras accepts only tensors as positional arguments; let solvers
         # and users pass the time as a plain number.
         if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
             t = ops.convert_to_tensor(t, dtype=self.compute_dtype)
-        return super().__call__(t, z, **kwargs)
+        if (context is None) != (self.context_dim is None):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': built with context_dim="
+                f"{self.context_dim}, called with{'out' if context is None else ''} a context")
+        if context is None:
+            return super().__call__(t, z, **kwargs)
+        return super().__call__(t, z, context, **kwargs)
 
-    def build(self, t_shape=None, z_shape=None):
+    def build(self, t_shape=None, z_shape=None, context_shape=None):
         z_shape = self._check_rank(z_shape)
         if z_shape[-1] is None:
             raise ValueError(
@@ -205,7 +245,7 @@ class _DynamicsNet(keras.layers.Layer):
             block.build(shape)
             shape = shape[:-1] + (_block_width(block),)
 
-    def call(self, t, z):
+    def call(self, t, z, context=None):
         shape = self._check_rank(checks.static_shape(z))
         if shape[-1] != self._z_shape[-1]:
             raise ValueError(
@@ -213,14 +253,26 @@ class _DynamicsNet(keras.layers.Layer):
                 f"dimension {self._z_shape[-1]}, got z of shape {shape}"
             )
         t = _scalar_time(type(self).__name__, t, self.compute_dtype)
+        extra = ()
+        if context is not None:
+            extra = (self._checked_context(context, shape),)
         h = z
         for i, block in enumerate(self.blocks):
-            h = block(h, t)
+            h = block(h, t, *extra)
             if i < len(self.blocks) - 1:
                 h = self._activation_fn(h)
         return h
 
-    def compute_output_shape(self, t_shape=None, z_shape=None):
+    def _checked_context(self, context, z_shape):
+        context = ops.cast(context, self.compute_dtype)
+        shape = checks.static_shape(context)
+        if not checks.shapes_agree(shape, (z_shape[0], self.context_dim)):
+            raise ValueError(
+                f"{type(self).__name__} '{self.name}': the context must be (batch, "
+                f"{self.context_dim}) for z of shape {z_shape}, got shape {shape}")
+        return context
+
+    def compute_output_shape(self, t_shape=None, z_shape=None, context_shape=None):
         return z_shape
 
     # The default build config maps a lone shape to the first call
@@ -238,6 +290,8 @@ class _DynamicsNet(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(activation=self.activation, zero_init_last=self.zero_init_last)
+        if self.context_dim is not None:
+            config["context_dim"] = self.context_dim
         return config
 
 
@@ -248,6 +302,8 @@ def _block_width(block):
 def _stack(net, block, widths, name, **kwargs):
     """Blocks of `widths` named name_0, name_1, ...; the last zeroed if `net` says so."""
     last = len(widths) - 1
+    if net.context_dim is not None:
+        kwargs["context_dim"] = net.context_dim
     return [
         block(n, zero_init=net.zero_init_last and i == last, dtype=net.dtype_policy,
               name=f"{name}_{i}", **kwargs)
@@ -263,12 +319,17 @@ class ConcatSquashMLP(_DynamicsNet):
         hidden: widths of the hidden layers; the last layer maps back to dim.
         activation: Keras activation between layers (none after the last).
         zero_init_last: zero the last layer's parameters so f == 0 at init.
+        context_dim: width C of a per-sample context (batch, C): the net is
+            then called as net(t, z, context) (see the module docstring).
     """
 
     _rank = 2
+    _takes_context = True
 
-    def __init__(self, hidden=(64, 64, 64), activation="softplus", zero_init_last=True, **kwargs):
-        super().__init__(activation=activation, zero_init_last=zero_init_last, **kwargs)
+    def __init__(self, hidden=(64, 64, 64), activation="softplus", zero_init_last=True,
+                 context_dim=None, **kwargs):
+        super().__init__(activation=activation, zero_init_last=zero_init_last,
+                         context_dim=context_dim, **kwargs)
         with checks.owned_by(type(self).__name__):
             self.hidden = checks.positive_ints(hidden, "hidden")
 
@@ -282,7 +343,14 @@ class ConcatSquashMLP(_DynamicsNet):
 
 
 class _ConvNet(_DynamicsNet):
-    """Channels-last conv nets: 'same' padding, stride 1, output channels = C."""
+    """Channels-last conv nets: 'same' padding, stride 1, output channels = C.
+
+    Args:
+        channels: output channels of the hidden convolutions.
+        activation: Keras activation between convolutions.
+        kernel_size: square kernel size (FFJORD uses 3).
+        zero_init_last: zero the last block's parameters so f == 0 at init.
+    """
 
     _rank = 4
     _block = None
@@ -314,11 +382,7 @@ class _ConvNet(_DynamicsNet):
 class ConcatConvNet(_ConvNet):
     """Conv net whose every convolution sees t as an extra input channel.
 
-    Args:
-        channels: output channels of the hidden convolutions.
-        activation: Keras activation between convolutions.
-        kernel_size: square kernel size (FFJORD uses 3).
-        zero_init_last: zero the last convolution so f == 0 at init.
+    Args: channels, activation, kernel_size, zero_init_last (see `_ConvNet`).
     """
 
     _block = _ConcatConv
@@ -329,12 +393,11 @@ class ConcatConvNet(_ConvNet):
 class ConcatSquashConvNet(_ConvNet):
     """Conv net of gated convolutions: conv(x) * sigmoid(gate(t)) + hyperbias(t).
 
-    Args:
-        channels: output channels of the hidden convolutions.
-        activation: Keras activation between convolutions.
-        kernel_size: square kernel size (FFJORD uses 3).
-        zero_init_last: zero the last convolution, gate and hyper-bias.
+    Args: channels, activation, kernel_size, zero_init_last (see `_ConvNet`),
+    and context_dim: width C of a per-sample context (batch, C); the net is
+    then called as net(t, z, context).
     """
 
+    _takes_context = True
     _block = _ConcatSquashConv
     _block_name = "concat_squash_conv"
