@@ -3,7 +3,8 @@
 The shapes and scalings follow the FFJORD paper's generators (so that
 nats reported here compare with theirs), but every sample is drawn
 independently: where FFJORD splits a batch evenly between rings, arms or
-spirals, here each point picks its component at random.
+spirals, here each point picks its component at random. That component is
+the point's label (`toy(..., labels=True)`), for class-conditional flows.
 """
 
 import math
@@ -25,9 +26,10 @@ _FFJORD_DIVISOR = 1.414
 
 
 def _eight_gaussians(rng, n):
-    angles = rng.integers(0, 8, size=n) * (np.pi / 4)
+    component = rng.integers(0, 8, size=n)
+    angles = component * (np.pi / 4)
     centres = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    return (centres + 0.5 * rng.standard_normal((n, 2))) / _FFJORD_DIVISOR
+    return (centres + 0.5 * rng.standard_normal((n, 2))) / _FFJORD_DIVISOR, component
 
 
 def _pinwheel(rng, n):
@@ -40,16 +42,17 @@ def _pinwheel(rng, n):
     c, s = np.cos(angle), np.sin(angle)
     x = feat[:, 0] * c + feat[:, 1] * s
     y = -feat[:, 0] * s + feat[:, 1] * c
-    return 2.0 * np.stack([x, y], axis=1)
+    return 2.0 * np.stack([x, y], axis=1), arm
 
 
 def _checkerboard(rng, n):
     # Uniform on the 8 unit cells of [-2, 2)^2 whose floor(x) + floor(y) is
     # even, then scaled by 2: 8 squares of side 2 in [-4, 4)^2, area 32.
     x = rng.uniform(-2.0, 2.0, size=n)
-    row = rng.integers(0, 2, size=n) * 2 - 2 + (np.floor(x) % 2)
+    pick = rng.integers(0, 2, size=n)
+    row = pick * 2 - 2 + (np.floor(x) % 2)
     y = row + rng.uniform(0.0, 1.0, size=n)
-    return 2.0 * np.stack([x, y], axis=1)
+    return 2.0 * np.stack([x, y], axis=1), 2 * (np.floor(x) + 2) + pick  # the cell
 
 
 def _two_spirals(rng, n):
@@ -60,7 +63,7 @@ def _two_spirals(rng, n):
     y = np.sin(t) * t + 0.5 * rng.uniform(size=n)
     sign = rng.choice([-1.0, 1.0], size=n)
     pts = sign[:, None] * np.stack([x, y], axis=1) / 3.0
-    return pts + 0.1 * rng.standard_normal((n, 2))
+    return pts + 0.1 * rng.standard_normal((n, 2)), sign > 0
 
 
 def _moons(rng, n):
@@ -69,27 +72,30 @@ def _moons(rng, n):
     x = np.where(upper, np.cos(t), 1.0 - np.cos(t))
     y = np.where(upper, np.sin(t), 0.5 - np.sin(t))
     pts = np.stack([x, y], axis=1) + 0.1 * rng.standard_normal((n, 2))
-    return 2.0 * pts + np.array([-1.0, -0.2])
+    return 2.0 * pts + np.array([-1.0, -0.2]), upper
 
 
 def _rings(rng, n):
-    radius = 3.0 * rng.choice([1.0, 0.75, 0.5, 0.25], size=n)
+    ring = rng.choice(4, size=n)
+    radius = 3.0 * np.array([1.0, 0.75, 0.5, 0.25])[ring]
     t = rng.uniform(0.0, 2 * np.pi, size=n)
     pts = radius[:, None] * np.stack([np.cos(t), np.sin(t)], axis=1)
-    return pts + 0.08 * rng.standard_normal((n, 2))
+    return pts + 0.08 * rng.standard_normal((n, 2)), ring
 
 
 def _swissroll(rng, n):
-    t = 1.5 * np.pi * (1.0 + 2.0 * rng.uniform(size=n))
+    u = rng.uniform(size=n)
+    t = 1.5 * np.pi * (1.0 + 2.0 * u)
     pts = t[:, None] * np.stack([np.cos(t), np.sin(t)], axis=1)
-    return (pts + rng.standard_normal((n, 2))) / 5.0
+    return (pts + rng.standard_normal((n, 2))) / 5.0, np.floor(4 * u)  # the quarter of the roll
 
 
 def _circles(rng, n):
-    radius = rng.choice([1.0, 0.5], size=n)
+    circle = rng.choice(2, size=n)
+    radius = np.array([1.0, 0.5])[circle]
     t = rng.uniform(0.0, 2 * np.pi, size=n)
     pts = radius[:, None] * np.stack([np.cos(t), np.sin(t)], axis=1)
-    return 3.0 * (pts + 0.08 * rng.standard_normal((n, 2)))
+    return 3.0 * (pts + 0.08 * rng.standard_normal((n, 2))), circle
 
 
 _GENERATORS = {
@@ -104,6 +110,8 @@ _GENERATORS = {
 }
 
 TOY_NAMES = tuple(_GENERATORS)
+TOY_CLASSES = {"8gaussians": 8, "pinwheel": 5, "checkerboard": 8, "2spirals": 2, "moons": 2,
+               "rings": 4, "swissroll": 4, "circles": 2}
 
 _ENTROPIES = {
     "checkerboard": math.log(32.0),
@@ -118,15 +126,20 @@ def _check_name(name):
         )
 
 
-def toy(name, n, seed=0):
+def toy(name, n, seed=0, labels=False):
     """Draw n points of the named toy distribution: float32 array (n, 2).
 
-    The same (name, n, seed) always gives the same array.
+    With labels=True, (points, labels): labels int64 (n,) in 0..TOY_CLASSES[name]-1,
+    the component each point was drawn from (a Gaussian, an arm, a ring, a
+    cell of the board, a quarter of the swiss roll). The same (name, n,
+    seed) always gives the same points, with or without labels.
     """
     _check_name(name)
     n = checks.integer(n, "n")
     rng = np.random.default_rng(seed)
-    return _GENERATORS[name](rng, n).astype(np.float32)
+    points, label = _GENERATORS[name](rng, n)
+    points = points.astype(np.float32)
+    return (points, np.asarray(label).astype(np.int64)) if labels else points
 
 
 def toy_entropy(name):
