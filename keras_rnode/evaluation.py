@@ -19,25 +19,29 @@ def _eval_fn(model, midpoint):
     """One compiled function per (model, midpoint): log p per sample, eval solver."""
     fns = _EVAL_FNS.setdefault(model, {})
     if midpoint not in fns:
-        if midpoint:
-            def fn(x):
-                return model._flow(x, False, False, deterministic=True)[0]
-        else:
-            def fn(x):
-                return model.log_prob(x, training=False)
-        fns[midpoint] = backend.inference_function(model, fn)
+        def fn(x, context=None):
+            return model._flow(x, context, False, False, deterministic=midpoint or None)[0]
+
+        shapes = [(None, *model.event_shape)]
+        if model.conditional:
+            shapes.append((None, model.blocks[0].context_dim))
+        fns[midpoint] = backend.inference_function(model, fn, shapes)
     return fns[midpoint]
 
 
-def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
+def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, context=None):
     """log p of every row of x with the model's evaluation solver; (log_p, mean NFE, status).
 
     For image models `midpoint=True` dequantizes with u = 0.5 instead of
-    uniform noise (the "clean" figure). A solve that stops short of T
-    (max_steps, step underflow) raises a ValueError naming the batch, unless
-    strict=False: then the worst status is returned.
+    uniform noise (the "clean" figure). A conditional model needs the
+    context of every row (n, C). A solve that stops short of T (max_steps,
+    step underflow) or ends on NaN or inf raises a ValueError naming the
+    batch, unless strict=False: then the worst status is returned.
     """
     batch_size = checks.integer(batch_size, "batch size")
+    if not model.built:
+        raise ValueError("the model is not built: train it, call it on data, or load a "
+                         "trained one before evaluating it")
     if model.levels:
         check_levels(x, model.levels)
     else:
@@ -45,11 +49,22 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
     if tuple(x.shape[1:]) != tuple(model.event_shape):
         raise ValueError(f"the model takes events of shape {tuple(model.event_shape)}, the "
                          f"data has shape {tuple(x.shape[1:])}")
+    if (context is None) == model.conditional:
+        raise ValueError("a conditional model needs the context of every row" if
+                         context is None else "this model takes no context")
+    if context is not None:
+        context = np.asarray(context, np.float32)
+        checks.check_finite(context, "the context")
+        if context.shape != (len(x), model.blocks[0].context_dim):
+            raise ValueError(f"the context must be ({len(x)}, "
+                             f"{model.blocks[0].context_dim}), got {context.shape}")
     fn = _eval_fn(model, bool(midpoint))
     out, nfes, status = [], [], Status.SUCCESS
     for start in range(0, len(x), batch_size):
-        batch = np.asarray(x[start:start + batch_size], np.float32)
-        out.append(ops.convert_to_numpy(fn(batch)))
+        rows = slice(start, start + batch_size)
+        batch = np.asarray(x[rows], np.float32)
+        given = () if context is None else (context[rows],)
+        out.append(ops.convert_to_numpy(fn(batch, *given)))
         nfes.append(sum(int(b.stats["nfe"].numpy()) for b in model.blocks))
         batch_status = max(int(b.stats["status"].numpy()) for b in model.blocks)
         if strict and batch_status != Status.SUCCESS:
@@ -57,12 +72,21 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True):
                 f"the evaluation solve of batch {start // batch_size} (rows {start} to "
                 f"{start + len(batch) - 1}) ended with status {Status.name(batch_status)} "
                 f"after {nfes[-1]} function evaluations; its log-densities would be wrong. "
-                "Raise --max-steps or loosen the evaluation tolerances")
+                + _REMEDIES[batch_status])
         status = max(status, batch_status)
     return np.concatenate(out), float(np.mean(nfes)), Status.name(status)
 
 
-def evaluate_model(model, x, batch_size=500, midpoint=True):
+_REMEDIES = {
+    Status.MAX_STEPS_REACHED: "Raise --max-steps or loosen the evaluation tolerances",
+    Status.STEP_UNDERFLOW: "The dynamics are too stiff there, or NaN: loosen the evaluation "
+                           "tolerances, or check the data",
+    Status.NON_FINITE_STATE: "The state overflowed to NaN or inf: evaluate with a smaller "
+                             "step or the adaptive dopri5",
+}
+
+
+def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):
     """Held-out quality of `model` on x with its evaluation solver, as a dict.
 
     Continuous data: "nll" (mean negative log-likelihood, nats). Images:
@@ -73,13 +97,14 @@ def evaluate_model(model, x, batch_size=500, midpoint=True):
     "solver" (the evaluation solver, described) and "seconds".
     """
     start = time.perf_counter()
-    log_p, nfe, status = log_prob_batches(model, x, batch_size)
+    log_p, nfe, status = log_prob_batches(model, x, batch_size, context=context)
     result = {"n": int(len(x)), "nll": float(-np.mean(log_p))}
     if model.levels:
         dims = math.prod(model.event_shape)
         result["bpd"] = float(np.mean(bits_per_dim(log_p, dims, model.levels)))
         if midpoint:
-            clean, _, _ = log_prob_batches(model, x, batch_size, midpoint=True)
+            clean, _, _ = log_prob_batches(model, x, batch_size, midpoint=True,
+                                           context=context)
             result["bpd_midpoint"] = float(np.mean(bits_per_dim(clean, dims, model.levels)))
     result.update(nfe=nfe, status=status, solver=model.blocks[0].eval_solver.describe(),
                   seconds=round(time.perf_counter() - start, 3))

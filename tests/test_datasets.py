@@ -9,7 +9,7 @@ from scipy.special import logsumexp
 
 from keras_rnode.datasets import images
 from keras_rnode.datasets.pipeline import make_dataset
-from keras_rnode.datasets.toy import TOY_NAMES, toy, toy_entropy
+from keras_rnode.datasets.toy import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
 
 # ---------------------------------------------------------------- toy data
 
@@ -232,3 +232,20 @@ def test_pipeline_big_batch_allowed_without_drop_remainder():
     x = np.ones((5, 2), np.float32)
     (b,) = list(make_dataset(x, 6, drop_remainder=False))
     assert b.shape == (5, 2)
+
+
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_toy_labels_name_each_points_component(name):
+    x, labels = toy(name, 4000, seed=5, labels=True)
+    np.testing.assert_array_equal(x, toy(name, 4000, seed=5))  # the same points
+    assert labels.dtype == np.int64 and labels.shape == (4000,)
+    # Every component is drawn, and only those.
+    assert set(np.unique(labels)) == set(range(TOY_CLASSES[name]))
+
+
+def test_eight_gaussians_labels_are_the_nearest_centre():
+    x, labels = toy("8gaussians", 4000, seed=6, labels=True)
+    angles = np.arange(8) * np.pi / 4
+    centres = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1) / 1.414
+    nearest = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(nearest == labels) > 0.99

@@ -168,6 +168,26 @@ def test_evaluation_names_the_batch_whose_solve_failed():
     log_prob_batches(model, x[:20], batch_size=10)  # the others are fine
 
 
+def test_evaluation_names_the_batch_whose_fixed_step_solve_went_non_finite():
+    # rk4 at step 0.25 takes whatever comes: z' = boost z^3 overflows float32
+    # from row 15 on. It used to report success and return NaN log-densities.
+    model = fuse_model()
+    x = X[:30].copy()
+    x[15] = 1e5
+    model.blocks[0].dynamics.boost.assign(1e-3)
+    with pytest.raises(ValueError, match=r"batch 1 \(rows 10 to 19\) ended with status "
+                                         "non_finite_state"):
+        log_prob_batches(model, x, batch_size=10)
+    log_p, _, status = log_prob_batches(model, x, batch_size=10, strict=False)
+    assert status == "non_finite_state" and not np.isfinite(log_p[15])
+
+
+def test_evaluating_an_unbuilt_model_is_a_one_line_error():
+    model = kr.RNODE([kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(4,)))])
+    with pytest.raises(ValueError, match="not built"):
+        log_prob_batches(model, X[:4])
+
+
 # ----------------------------------------------------------------- NFE --
 
 

@@ -81,8 +81,8 @@ def recorder_write(recorder, index, values, pred):
     return [r.at[index].set(jnp.where(pred, v, r[index])) for r, v in zip(recorder, values)]
 
 
-def inference_function(model, fn):
-    """fn(x) jit-compiled, with the model's state passed in and written back.
+def inference_function(model, fn, input_shapes=None):
+    """fn(*inputs) jit-compiled, with the model's state passed in and written back.
 
     Eager JAX retraces the solver's loops on every call (seconds a batch);
     a jitted function must not write Keras variables from inside, so the
@@ -93,14 +93,14 @@ def inference_function(model, fn):
     variables = list(model.variables)
 
     @jax.jit
-    def pure(values, x):
+    def pure(values, *inputs):
         with keras.StatelessScope(state_mapping=list(zip(variables, values))) as scope:
-            out = fn(x)
+            out = fn(*inputs)
         new = [scope.get_current_value(v) for v in variables]
         return out, [old if n is None else n for old, n in zip(values, new)]
 
-    def run(x):
-        out, values = pure([v.value for v in variables], x)
+    def run(*inputs):
+        out, values = pure([v.value for v in variables], *inputs)
         for v, value in zip(variables, values):
             if not v.trainable:
                 v.assign(value)

@@ -123,10 +123,11 @@ def recorder_read(recorder, index):
     return [ta.read(index) for ta in recorder]
 
 
-def inference_function(model, fn):
-    """fn(x) traced once for any batch size of the model's events (float32)."""
-    spec = [tf.TensorSpec((None, *model.event_shape), tf.float32)]
-    return tf.function(fn, input_signature=spec)
+def inference_function(model, fn, input_shapes=None):
+    """fn(*inputs) traced once for any batch size: float32 inputs of `input_shapes`
+    (None for the batch; default: the model's events alone)."""
+    shapes = input_shapes or [(None, *model.event_shape)]
+    return tf.function(fn, input_signature=[tf.TensorSpec(s, tf.float32) for s in shapes])
 
 
 def static_value(x):

@@ -109,11 +109,13 @@ def vjp(fn, primals, params, cotangents):
         outputs = fn(primals, params)
         live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
         inputs = primals + list(params)
+        wanted = [x for x in inputs if x.requires_grad]  # data (a context) may need none
         # retain_graph: a tensor func captured from outside the solve is
         # differentiated through at every step, so its graph must outlive one.
-        grads = torch.autograd.grad(
-            [o for o, _ in live], inputs, [c for _, c in live], allow_unused=True,
-            retain_graph=True)
+        found = iter(torch.autograd.grad(
+            [o for o, _ in live], wanted, [c for _, c in live], allow_unused=True,
+            retain_graph=True) if live else [None] * len(wanted))
+    grads = [next(found) if x.requires_grad else None for x in inputs]
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
     return ([o.detach() for o in outputs], grads[: len(primals)], grads[len(primals):])
 
@@ -131,11 +133,11 @@ def recorder_write(recorder, index, values, pred):
     return recorder
 
 
-def inference_function(model, fn):
-    """fn(x) without building an autograd graph."""
-    def run(x):
+def inference_function(model, fn, input_shapes=None):
+    """fn(*inputs) without building an autograd graph (the shapes need not be known)."""
+    def run(*inputs):
         with torch.no_grad():
-            return fn(x)
+            return fn(*inputs)
 
     return run
 

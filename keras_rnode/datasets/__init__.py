@@ -19,13 +19,14 @@ from keras_rnode.datasets.registry import (
     load_data,
     load_npy,
 )
-from keras_rnode.datasets.toy import TOY_NAMES, toy, toy_entropy
+from keras_rnode.datasets.toy import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
 
 __all__ = [
     "CIFAR10_LEVELS",
     "DIGITS_LEVELS",
     "IMAGE_DATASETS",
     "MNIST_LEVELS",
+    "TOY_CLASSES",
     "TOY_NAMES",
     "TOY_TEST_SIZE",
     "check_dataset",

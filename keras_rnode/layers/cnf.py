@@ -37,7 +37,10 @@ class CNF(keras.layers.Layer):
             evaluation) or "exact" (D products; for low dimension).
         noise: Hutchinson probe distribution, "gaussian" or "rademacher".
         eval_trace: the trace when not training (None: as in training).
-        T: integration time.
+        T: integration time (the start value, with train_T).
+        train_T: learn the integration time too (FFJORD's train_T): T is
+            then s^2 with s a weight starting at sqrt(T), and gets its
+            gradient through the solve's end time.
         seed: seed of the Hutchinson noise generator.
         solver: the training solver, a `keras_rnode.solvers.SolverSettings`;
             or its fields as keywords (method, rtol, atol, step_size,
@@ -50,14 +53,20 @@ class CNF(keras.layers.Layer):
 
     Raises ValueError, prefixed with the layer's name, for a bad setting.
 
-    Call: `cnf(x, training=None, regularize=False)` returns (z, delta_logp);
-    with regularize=True and training, (z, delta_logp, kinetic, jacobian),
-    each per sample. `cnf.inverse(z)` returns (x, delta_logp) with the same
-    meaning. `cnf.stats` holds the last solve's statistics.
+    Call: `cnf(x, context=None, training=None, regularize=False)` returns
+    (z, delta_logp); with regularize=True and training, (z, delta_logp,
+    kinetic, jacobian), each per sample. `cnf.inverse(z, context=None)`
+    returns (x, delta_logp) with the same meaning. `cnf.stats` holds the
+    last solve's statistics.
+
+    Conditional flows: dynamics with a `context_dim` (the squash nets built
+    with one) are called as dynamics(t, z, context); `context` is then a
+    per-sample tensor (batch, context_dim), handed to the solve as its
+    `args`, so whatever computed it (an embedding, an encoder) trains too.
     """
 
     def __init__(self, dynamics, trace="hutchinson", noise="gaussian", eval_trace=None,
-                 T=1.0, seed=None, solver=None, eval_solver=None, **kwargs):
+                 T=1.0, train_T=False, seed=None, solver=None, eval_solver=None, **kwargs):
         train_options = split_options(kwargs)
         eval_options = split_options(kwargs, "eval_")
         super().__init__(**kwargs)
@@ -82,6 +91,7 @@ class CNF(keras.layers.Layer):
             except SettingError as err:
                 raise ValueError(err.render("eval_")) from None
         self.dynamics = dynamics
+        self.train_T = bool(train_T)
         self.trace = trace
         self.noise = noise
         self.seed = seed
@@ -93,26 +103,48 @@ class CNF(keras.layers.Layer):
             raise ValueError(f"{self.name}: input must be (batch, *event_shape), got "
                              f"shape {tuple(input_shape)}")
         z = ops.zeros((1, *input_shape[1:]), self.compute_dtype)
-        self._call_dynamics(ops.zeros((), self.compute_dtype), z)
+        context = ops.zeros((1, self.context_dim), self.compute_dtype) if self.conditional \
+            else None
+        self._call_dynamics(ops.zeros((), self.compute_dtype), z, context)
+        if self.train_T:
+            # Not keras.initializers.Constant: it casts through float32.
+            self.sqrt_T = self.add_weight(
+                shape=(), name="sqrt_end_time",
+                initializer=lambda shape, dtype: ops.convert_to_tensor(self.T ** 0.5, dtype))
         self.stats = {
             name: self.add_weight(shape=(), dtype="int32", initializer="zeros",
                                   trainable=False, name=name)
             for name in STAT_NAMES
         }
 
-    def call(self, x, training=None, regularize=False):
-        regularize = bool(training and regularize)
-        return self._solve(x, 0.0, self.T, training, regularize)
+    @property
+    def context_dim(self):
+        """The width of the context the dynamics take, or None (an unconditional flow)."""
+        return getattr(self.dynamics, "context_dim", None)
 
-    def inverse(self, z, training=None):
+    @property
+    def conditional(self):
+        return self.context_dim is not None
+
+    @property
+    def end_time(self):
+        """T: a number, or with train_T a scalar tensor (s^2, s the trained weight)."""
+        return ops.square(self.sqrt_T) if self.train_T else self.T
+
+    def call(self, x, context=None, training=None, regularize=False):
+        regularize = bool(training and regularize)
+        return self._solve(x, context, 0.0, self.end_time, training, regularize)
+
+    def inverse(self, z, context=None, training=None):
         """z at t = T back to x at t = 0; returns (x, delta_logp) as forward would."""
-        x, negative = self._solve(z, self.T, 0.0, training, False)
+        x, negative = self._solve(z, context, self.end_time, 0.0, training, False)
         return x, -negative
 
-    def _solve(self, x, t0, t1, training, regularize):
+    def _solve(self, x, context, t0, t1, training, regularize):
         x = ops.convert_to_tensor(x, self.compute_dtype)
         if not self.built:
             self.build(x.shape)
+        context = self._checked_context(context, x)
         solver = self.train_solver if training else self.eval_solver
         trace = self.trace if training else self.eval_trace
         # Drawn once per solve: every stage of every step sees the same probe.
@@ -120,13 +152,16 @@ class CNF(keras.layers.Layer):
         batch = ops.shape(x)[0]
         zeros = ops.zeros((batch,), x.dtype)
 
-        def augmented(t, state):
+        def augmented(t, state, *per_sample):
             z = state[0]
-            fn = lambda z_: self._call_dynamics(t, z_)  # noqa: E731
+
+            def fn(z_, *per_sample_):
+                return self._call_dynamics(t, z_, *per_sample_)
+
             if eps is None:
-                f, tr, frobenius = divergence.exact(fn, z)
+                f, tr, frobenius = divergence.exact(fn, z, *per_sample)
             else:
-                f, tr, frobenius = divergence.hutchinson(fn, z, eps)
+                f, tr, frobenius = divergence.hutchinson(fn, z, eps, *per_sample)
             out = (f, -tr)
             if regularize:
                 kinetic = 0.5 * divergence.event_mean(ops.square(f))
@@ -135,21 +170,42 @@ class CNF(keras.layers.Layer):
 
         y0 = (x, zeros, zeros, zeros) if regularize else (x, zeros)
         control = (True, True, False, False)[: len(y0)]
+        # The context goes in as args: the solve differentiates it.
+        conditioned = {} if context is None else {"args": context}
         sol = odeint(augmented, y0, t0, t1, solver=solver, error_control=control,
-                     on_backward=self._record_backward)
+                     on_backward=self._record_backward, **conditioned)
         for name in STAT_NAMES[:4]:
             self.stats[name].assign(sol.stats[name])
         return sol.y
 
-    def _call_dynamics(self, t, z):
-        """dynamics(t, z), checked to have z's shape.
+    def _checked_context(self, context, x):
+        """The context as a tensor of the layer's dtype, or a clear error for a wrong one."""
+        if (context is None) == self.conditional:
+            raise ValueError(
+                f"{self.name}: " + (f"this flow is conditional (its dynamics take a context "
+                                    f"of width {self.context_dim}); pass context=" if
+                                    context is None else
+                                    "this flow takes no context (its dynamics have no "
+                                    "context_dim)"))
+        if context is None:
+            return None
+        context = ops.cast(ops.convert_to_tensor(context), self.compute_dtype)
+        expected = (checks.static_shape(x)[0], self.context_dim)
+        if not checks.shapes_agree(checks.static_shape(context), expected):
+            raise ValueError(f"{self.name}: the context must be (batch, {self.context_dim}) "
+                             f"for x of shape {tuple(x.shape)}, got shape "
+                             f"{tuple(context.shape)}")
+        return context
+
+    def _call_dynamics(self, t, z, context=None):
+        """dynamics(t, z) (or dynamics(t, z, context)), checked to have z's shape.
 
         Checked at every call, not only at build (batch 1): a net that drops
         or mixes rows shows itself only on a larger batch.
         """
+        out = self.dynamics(t, z) if context is None else self.dynamics(t, z, context)
         return validate_dynamics_output(
-            self.name, z, self.dynamics(t, z),
-            getattr(self.dynamics, "name", type(self.dynamics).__name__))
+            self.name, z, out, getattr(self.dynamics, "name", type(self.dynamics).__name__))
 
     def _noise(self, x):
         return divergence.draw_probes(self.noise, ops.shape(x), x.dtype, self.seed_generator)
@@ -164,7 +220,7 @@ class CNF(keras.layers.Layer):
         config = super().get_config()
         config.update(
             dynamics=keras.saving.serialize_keras_object(self.dynamics),
-            trace=self.trace, noise=self.noise, T=self.T, seed=self.seed,
+            trace=self.trace, noise=self.noise, T=self.T, train_T=self.train_T, seed=self.seed,
             eval_trace=self.eval_trace, **flatten_pair(self.train_solver, self.eval_solver))
         return config
 

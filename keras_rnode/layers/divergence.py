@@ -48,21 +48,24 @@ def draw_probes(kind, shape, dtype, seed_generator):
     return ops.cast(2 * bits - 1, dtype)
 
 
-def hutchinson(fn, z, eps):
+def hutchinson(fn, z, eps, *per_sample):
     """One Jacobian-vector product w gives both estimates.
 
     tr(J) ~ eps . w and ||J||_F^2 / D ~ mean(w^2), for eps with E[eps eps^T] = I.
+    fn(z, *per_sample): `per_sample` are tensors with a row per sample (a
+    context), held fixed.
     """
-    f, w = backend.jacobian_product(fn, z, eps)
+    f, w = backend.jacobian_product(lambda z_: fn(z_, *per_sample), z, eps)
     return f, ops.sum(eps * w, axis=_event_axes(z)), event_mean(ops.square(w))
 
 
-def exact(fn, z):
+def exact(fn, z, *per_sample):
     """The Jacobian's diagonal from D products with basis vectors, batched as one call.
 
     The batch is repeated D times, copy i probing with e_i, so the network
-    runs once on D * batch rows. Frobenius is exact too: ||J||_F^2 / D,
-    the expectation of the Hutchinson figure.
+    runs once on D * batch rows (fn(z, *per_sample), the per-sample tensors
+    repeated alike). Frobenius is exact too: ||J||_F^2 / D, the
+    expectation of the Hutchinson figure.
     """
     event_shape = tuple(z.shape[1:])
     dim = math.prod(event_shape)
@@ -70,8 +73,8 @@ def exact(fn, z):
     eye = ops.eye(dim, dtype=z.dtype)
     probes = ops.reshape(
         ops.repeat(eye[:, None, :], batch, axis=1), (dim * batch, *event_shape))
-    z_rep = ops.tile(z, (dim,) + (1,) * len(event_shape))
-    f_rep, rows = backend.jacobian_product(fn, z_rep, probes)
+    z_rep, *rest = [ops.tile(v, (dim,) + (1,) * (len(v.shape) - 1)) for v in (z, *per_sample)]
+    f_rep, rows = backend.jacobian_product(lambda z_: fn(z_, *rest), z_rep, probes)
     rows = ops.reshape(rows, (dim, batch, dim))
     trace = ops.sum(rows * eye[:, None, :], axis=(0, 2))
     frobenius = ops.sum(ops.square(rows), axis=(0, 2)) / dim

@@ -22,6 +22,9 @@ Endpoints of the reloaded object (`tf.saved_model.load(path)`):
   jax2tf) the archive has ``log_prob`` alone, as a count cannot set a shape.
   PyTorch cannot write a SavedModel: load the .keras file under TensorFlow.
   (`keras_rnode.backend.saved_model_endpoints` says which, per backend.)
+- A conditional model (its dynamics take a context): ``log_prob(x, context)``
+  with context float32 (None, C), and ``sample(context)``, one sample per
+  row of the context.
 
 The endpoints are for inference: the solver's custom (adjoint) gradient is
 not saved, so do not differentiate through the reloaded functions.
@@ -52,17 +55,23 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the folder {parent} does not exist")
 
-    event_shape = tuple(model.event_shape)
-    definitions = {
-        "log_prob": (lambda x: model.log_prob(x, training=False),
-                     tf.TensorSpec((None, *event_shape), tf.float32, name="x")),
-        "sample": (lambda n: model._sample(n), tf.TensorSpec((), tf.int32, name="n")),
-    }
+    x_spec = tf.TensorSpec((None, *model.event_shape), tf.float32, name="x")
+    if model.conditional:
+        context = tf.TensorSpec((None, model.blocks[0].context_dim), tf.float32, name="context")
+        definitions = {
+            "log_prob": (lambda x, c: model.log_prob(x, c), [x_spec, context]),
+            "sample": (lambda c: model._sample(tf.shape(c)[0], c), [context]),
+        }
+    else:
+        definitions = {
+            "log_prob": (lambda x: model.log_prob(x), [x_spec]),
+            "sample": (lambda n: model._sample(n), [tf.TensorSpec((), tf.int32, name="n")]),
+        }
     archive = keras.export.ExportArchive()
     archive.track(model)
     for endpoint in endpoints:
-        fn, spec = definitions[endpoint]
-        archive.add_endpoint(endpoint, fn, input_signature=[spec])
+        fn, specs = definitions[endpoint]
+        archive.add_endpoint(endpoint, fn, input_signature=specs)
 
     staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:

@@ -82,6 +82,7 @@ class MultiscaleRNODE(RNODE):
         return groups
 
     def build(self, input_shape):
+        input_shape = self._data_shape(input_shape)
         if len(input_shape) != 4 or None in tuple(input_shape[1:]):
             raise ValueError("MultiscaleRNODE takes images (batch, height, width, channels) "
                              f"of known size, got shape {tuple(input_shape)}")
@@ -103,28 +104,28 @@ class MultiscaleRNODE(RNODE):
         self._shapes = shapes + [(h, w, c)]
         self.built = True
 
-    def _forward(self, x, training, regularize):
+    def _forward(self, x, training, regularize, context=None):
         latents, delta, kinetic, jacobian = [], 0.0, 0.0, 0.0
         for before, after in self._plan():
-            x, delta, kinetic, jacobian = flow_through(before, x, training, regularize,
+            x, delta, kinetic, jacobian = flow_through(before, x, context, training, regularize,
                                                        delta, kinetic, jacobian)
             if after is None:
                 break
             x = squeeze(x)
-            x, delta, kinetic, jacobian = flow_through(after, x, training, regularize,
+            x, delta, kinetic, jacobian = flow_through(after, x, context, training, regularize,
                                                        delta, kinetic, jacobian)
             half = x.shape[-1] // 2
             latents.append(x[..., half:])
             x = x[..., :half]
         return latents + [x], delta, kinetic, jacobian
 
-    def _inverse(self, latents):
+    def _inverse(self, latents, context=None):
         x = latents[-1]
         for i, (before, after) in reversed(list(enumerate(self._plan()))):
             if after is not None:
                 x = keras.ops.concatenate([x, latents[i]], axis=-1)
-                x = unsqueeze(flow_back(after, x))
-            x = flow_back(before, x)
+                x = unsqueeze(flow_back(after, x, context))
+            x = flow_back(before, x, context)
         return x
 
     def _latent_shapes(self):

@@ -20,20 +20,21 @@ def standard_normal_log_prob(z):
     return -0.5 * ops.sum(ops.square(z), axis=axes) - 0.5 * dims * LOG_2PI
 
 
-def flow_through(blocks, x, training, regularize, delta=0.0, kinetic=0.0, jacobian=0.0):
+def flow_through(blocks, x, context, training, regularize, delta=0.0, kinetic=0.0,
+                 jacobian=0.0):
     """x through CNF blocks in order: (z, delta, kinetic, jacobian), each sum carried on."""
     for block in blocks:
-        out = block(x, training=training, regularize=regularize)
+        out = block(x, context=context, training=training, regularize=regularize)
         x, delta = out[0], delta + out[1]
         if regularize:
             kinetic, jacobian = kinetic + out[2], jacobian + out[3]
     return x, delta, kinetic, jacobian
 
 
-def flow_back(blocks, z):
+def flow_back(blocks, z, context):
     """z back through CNF blocks in reverse order."""
     for block in reversed(blocks):
-        z, _ = block.inverse(z)
+        z, _ = block.inverse(z, context)
     return z
 
 
@@ -98,8 +99,8 @@ class RNODE(keras.Model):
     # The density --------------------------------------------------------
 
     def build(self, input_shape):
-        self.event_shape = tuple(input_shape[1:])
-        shape = tuple(input_shape)
+        shape = self._data_shape(input_shape)
+        self.event_shape = shape[1:]
         for block in self.blocks:
             # Deserialized blocks arrive built (their own build config);
             # building again would add their weights twice.
@@ -107,74 +108,121 @@ class RNODE(keras.Model):
                 block.build(shape)
         self.built = True
 
-    def _flow(self, x, training, regularize, deterministic=None):
-        """x -> (log p per sample, kinetic sum, jacobian sum)."""
+    @property
+    def conditional(self):
+        """True when the blocks' dynamics take a context: then log_prob(x, context), fit on
+        (x, context) pairs, sample(n, context)."""
+        return self.blocks[0].conditional
+
+    def _flow(self, x, context, training, regularize, deterministic=None):
+        """x (given the context) -> (log p per sample, kinetic sum, jacobian sum)."""
         checks.check_finite(x)
+        checks.check_finite(context, "the context")
         if self.levels and isinstance(x, np.ndarray):
             check_levels(x, self.levels)
         x = ops.convert_to_tensor(x, self.compute_dtype)
         if len(x.shape) < 2:
             raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
         if not self.built:  # log_prob / bits_per_dim before any model(x) call
-            self.build(tuple(x.shape))
+            self.build(tuple(x.shape) if context is None else
+                       (tuple(x.shape), tuple(ops.shape(context))))
         elif tuple(x.shape[1:]) != tuple(self.event_shape):
             raise ValueError(f"the model takes events of shape {tuple(self.event_shape)}, got "
                              f"x of shape {tuple(x.shape)}")
         if self.dequantize is not None:
             x, _ = self.dequantize(x, training=training, deterministic=deterministic)
-        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize)
+        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize, context)
         log_p = sum(standard_normal_log_prob(z) for z in latents) + logdet
         return log_p, kinetic, jacobian
 
-    def _encode(self, x, training=False, regularize=False):
+    def _encode(self, x, training=False, regularize=False, context=None):
         """Continuous x -> (latent parts, log-det of the whole map, kinetic, jacobian sums)."""
         logdet = 0.0
         if self.logit is not None:
             x, logdet = self.logit(x)
-        latents, delta, kinetic, jacobian = self._forward(x, training, regularize)
+        latents, delta, kinetic, jacobian = self._forward(x, training, regularize, context)
         return latents, logdet - delta, kinetic, jacobian
 
-    def _forward(self, x, training, regularize):
+    def _forward(self, x, training, regularize, context=None):
         """The CNF part: x -> (latent parts, sum of delta_logp, kinetic sum, jacobian sum).
 
         Subclasses with another arrangement of blocks override this,
         `_inverse` and `_latent_shapes`; the rest of the model is shared.
         """
-        z, delta, kinetic, jacobian = flow_through(self.blocks, x, training, regularize)
+        z, delta, kinetic, jacobian = flow_through(self.blocks, x, context, training,
+                                                   regularize)
         return [z], delta, kinetic, jacobian
 
-    def _inverse(self, latents):
+    def _inverse(self, latents, context=None):
         """Latent parts -> x before the logit transform (the inverse of `_forward`)."""
-        return flow_back(self.blocks, latents[0])
+        return flow_back(self.blocks, latents[0], context)
 
     def _latent_shapes(self):
         return [tuple(self.event_shape)]
 
-    def call(self, x, training=None):
+    def call(self, inputs, training=None):
+        """log p per sample of x, or of (x, context) for a conditional model; in training
+        a dict of log_prob and the kinetic and jacobian sums."""
+        x, context = self._split(inputs)
         if training:
-            log_p, kinetic, jacobian = self._flow(x, True, True)
+            log_p, kinetic, jacobian = self._flow(x, context, True, True)
             return {"log_prob": log_p, "kinetic": kinetic, "jacobian": jacobian}
-        return self._flow(x, False, False)[0]
+        return self._flow(x, context, False, False)[0]
 
-    def log_prob(self, x, training=False):
-        """log p(x) per sample; for images, of the dequantized y = (x + u) / L."""
-        return self._flow(x, training, False)[0]
+    def _data_shape(self, input_shape):
+        """The data's shape from a build shape: x's, or (x's, the context's) when conditional
+        (Keras keeps that pair, and serves the model with the pair as its input)."""
+        if isinstance(input_shape[0], (tuple, list)):
+            input_shape = input_shape[0]
+        return tuple(input_shape)
 
-    def bits_per_dim(self, x, midpoint=False):
+    def _split(self, inputs):
+        """(x, context) from what Keras passes to call: x, or (x, context) when conditional."""
+        if self.conditional and isinstance(inputs, (tuple, list)) and len(inputs) == 2:
+            return inputs[0], inputs[1]
+        return inputs, None
+
+    # Keras hands fit/evaluate's (x, context) pairs over as (x, y): a conditional
+    # model takes the pair as its input instead. JAX's steps take a state first.
+    def train_step(self, *state_and_data):
+        return super().train_step(*self._paired(state_and_data))
+
+    def test_step(self, *state_and_data):
+        return super().test_step(*self._paired(state_and_data))
+
+    def _paired(self, state_and_data):
+        *state, data = state_and_data
+        if self.conditional and isinstance(data, (tuple, list)) and len(data) == 2:
+            data = (tuple(data),)
+        return (*state, data)
+
+    def log_prob(self, x, context=None, training=False):
+        """log p(x) per sample (nats), of x given the context (batch, C) for a conditional
+        model; for images, of the dequantized y = (x + u) / L."""
+        return self._flow(x, context, training, False)[0]
+
+    def bits_per_dim(self, x, context=None, midpoint=False):
         """Bits/dim per sample (uniform dequantization; midpoint=True: the "clean" figure)."""
         if not self.levels:
             raise ValueError("bits_per_dim needs image data: this model was built without "
                              "levels; use log_prob (nats) instead")
-        log_p = self._flow(x, False, False, deterministic=midpoint)[0]
+        log_p = self._flow(x, context, False, False, deterministic=midpoint)[0]
         return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
 
-    def sample(self, n, seed=None):
-        """n samples: images as integers in [0, L-1] (float), other data as is."""
+    def sample(self, n, context=None, seed=None):
+        """n samples: images as integers in [0, L-1] (float), other data as is.
+
+        A conditional model samples given the context: (n, C), one row per
+        sample, or (C,) for all n.
+        """
         if not self.built:
             raise ValueError("the model must be built (called on data) before sampling")
-        return self._sample(checks.integer(n, "n"), seed)
+        n = checks.integer(n, "n")
+        if context is not None and len(ops.shape(context)) == 1:
+            context = ops.tile(ops.reshape(ops.convert_to_tensor(context), (1, -1)), (n, 1))
+        return self._sample(n, context, seed)
 
-    def _sample(self, n, seed=None):
+    def _sample(self, n, context=None, seed=None):
         """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
         latents = [
             keras.random.normal(
@@ -182,7 +230,7 @@ class RNODE(keras.Model):
                 # An integer seed would draw the same noise for every part.
                 seed=self.blocks[0].seed_generator if seed is None else seed + i)
             for i, shape in enumerate(self._latent_shapes())]
-        z = self._inverse(latents)
+        z = self._inverse(latents, context)
         if self.logit is not None:
             z, _ = self.logit.inverse(z)
         if self.levels:
@@ -241,14 +289,15 @@ class RNODE(keras.Model):
             # (a private name: tests/test_keras_private_api.py watches it).
             object.__setattr__(self, "_loss_tracker", FiniteMean(name="loss"))
 
-    def fit(self, x=None, *args, **kwargs):
+    def fit(self, x=None, y=None, *args, **kwargs):
         # Keras turns arrays into tensors, which _flow cannot check: a NaN
         # must end the run before its first step, not poison a later one.
-        checks.check_finite(x, "the training data")
-        validation = kwargs.get("validation_data")
-        checks.check_finite(validation[0] if isinstance(validation, tuple) else validation,
-                            "the validation data")
-        return super().fit(x, *args, **kwargs)
+        # (A conditional model's context comes as y, or beside x in a pair.)
+        for what, data in (("the training data", (x, y)),
+                           ("the validation data", kwargs.get("validation_data"))):
+            for part in data if isinstance(data, (tuple, list)) else (data,):
+                checks.check_finite(part, what)
+        return super().fit(x, y, *args, **kwargs)
 
     @property
     def metrics(self):
@@ -288,7 +337,12 @@ class RNODE(keras.Model):
         return cls(**config)
 
     def get_build_config(self):
-        return {"input_shape": (None, *self.event_shape)} if self.built else {}
+        if not self.built:
+            return {}
+        shape = (None, *self.event_shape)
+        if self.conditional:
+            shape = (shape, (None, self.blocks[0].context_dim))
+        return {"input_shape": shape}
 
     def build_from_config(self, config):
         if config:
