@@ -217,3 +217,12 @@ def test_step_profile_quick_run_writes_its_section(tmp_path):
     assert "## Where a CNF training step's time goes (issue 5)" in text
     assert "| **whole step** |" in text and "adjoint evaluations" in text
 
+
+
+@pytest.mark.slow
+def test_conditional_quick_run_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    _run([sys.executable, str(BENCH / "conditional.py"), "--quick", "--results", str(results)])
+    text = results.read_text()
+    assert "## Conditional flows: NLL given the label" in text
+    assert text.count("| 2 |") == 1 and text.count("| 4 |") == 1

@@ -116,6 +116,10 @@ def test_conditional_model_fits_scores_samples_and_saves(tmp_path):
     before = given_label_nll(model, x_test, c_test)
     model.fit(x, c, batch_size=256, epochs=2, verbose=0)
     model.fit((x, c), batch_size=256, epochs=1, verbose=0)  # the pair as one input too
+    if BACKEND == "tensorflow":  # and a tf.data pipeline of pairs
+        import tensorflow as tf
+
+        model.fit(tf.data.Dataset.from_tensor_slices((x, c)).batch(256), verbose=0)
     after = given_label_nll(model, x_test, c_test)
     assert after < before - 0.5, (before, after)
     # The context matters: the right labels score better than shuffled ones.

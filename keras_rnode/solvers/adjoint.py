@@ -29,7 +29,7 @@ def adjoint_backward(func_p, params, settings, y1, t0, t1, grads_y1, controlled)
         f, grads_y, grads_p = backend.vjp(lambda y_, p: func_p(t, y_, p), y, params, a)
         return [*f, *[-v for v in grads_y], *[-v for v in grads_p]]
 
-    state1 = [*y1, *grads_y1, *[ops.zeros(v.shape, v.dtype) for v in params]]
+    state1 = [*y1, *grads_y1, *[ops.zeros_like(v) for v in params]]
     controlled = [*controlled, *([True] * n), *([False] * m)]
     state0, stats, _ = integrate(augmented, settings.replace(first_step=None), state1, t1, t0,
                                  controlled=controlled, record=False)

@@ -36,6 +36,6 @@ def direct_backward(func_p, params, tableau, t0, t1, records, grads_y1):
         _, grads_y, grads_v = backend.vjp(step, y, params, a)
         return i - 1, list(grads_y), [gi + vi for gi, vi in zip(g, grads_v)]
 
-    zeros_v = [ops.zeros(v.shape, v.dtype) for v in params]
+    zeros_v = [ops.zeros_like(v) for v in params]
     _, a, g = ops.while_loop(cond, body, (count - 1, list(grads_y1), zeros_v))
     return a[:n], g
