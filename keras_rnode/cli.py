@@ -28,8 +28,8 @@ from keras_rnode.callbacks import ACTIONS
 from keras_rnode.datasets import TOY_NAMES
 from keras_rnode.datasets.registry import IMAGE_DATASETS, TOY_TEST_SIZE, check_dataset
 from keras_rnode.evaluation import describe_result, emit_result
-from keras_rnode.layers.divergence import PROBES, TRACES
-from keras_rnode.models.factory import ARCHITECTURES, DEFAULT_HIDDEN, EXACT_TRACE_MAX_DIM
+from keras_rnode.layers.divergence import EXACT_TRACE_MAX_DIM, PROBES, TRACES
+from keras_rnode.models.factory import ARCHITECTURES, DEFAULT_HIDDEN
 from keras_rnode.models.multiscale import DYNAMICS
 from keras_rnode.plots import save_samples
 from keras_rnode.solvers.settings import (

@@ -16,24 +16,30 @@ _EVAL_FNS = weakref.WeakKeyDictionary()
 
 
 def _eval_fn(model, midpoint):
-    """One compiled function per (model, midpoint): log p per sample, eval solver."""
+    """One compiled function per (model, midpoint, evaluation settings): log p of each
+    Hutchinson probe and sample, (probes, batch), with the evaluation solver."""
     fns = _EVAL_FNS.setdefault(model, {})
-    if midpoint not in fns:
+    key = (midpoint, *((b.eval_trace, b.eval_probes, b.eval_solver) for b in model.blocks))
+    if key not in fns:
         def fn(x, context=None):
-            return model._flow(x, context, False, False, deterministic=midpoint or None)[0]
+            return model._flow(x, context, False, False, deterministic=midpoint or None,
+                               per_probe=True)[0]
 
         shapes = [(None, *model.event_shape)]
         if model.conditional:
             shapes.append((None, model.blocks[0].context_dim))
-        fns[midpoint] = backend.inference_function(model, fn, shapes)
-    return fns[midpoint]
+        fns[key] = backend.inference_function(model, fn, shapes)
+    return fns[key]
 
 
-def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, context=None):
+def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, context=None,
+                     per_probe=False):
     """log p of every row of x with the model's evaluation solver; (log_p, mean NFE, status).
 
-    For image models `midpoint=True` dequantizes with u = 0.5 instead of
-    uniform noise (the "clean" figure). A conditional model needs the
+    log_p (nats) is (n,), averaged over the blocks' evaluation probes, or
+    with per_probe (probes, n): one row per Hutchinson probe (one row for the
+    exact trace). For image models `midpoint=True` dequantizes with u = 0.5
+    instead of uniform noise (the "clean" figure). A conditional model needs the
     context of every row (n, C). A solve that stops short of T (max_steps,
     step underflow) or ends on NaN or inf raises a ValueError naming the
     batch, unless strict=False: then the worst status is returned.
@@ -64,7 +70,7 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
         rows = slice(start, start + batch_size)
         batch = np.asarray(x[rows], np.float32)
         given = () if context is None else (context[rows],)
-        out.append(ops.convert_to_numpy(fn(batch, *given)))
+        out.append(np.asarray(ops.convert_to_numpy(fn(batch, *given))))
         nfes.append(sum(int(b.stats["nfe"].numpy()) for b in model.blocks))
         batch_status = max(int(b.stats["status"].numpy()) for b in model.blocks)
         if strict and batch_status != Status.SUCCESS:
@@ -74,7 +80,8 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
                 f"after {nfes[-1]} function evaluations; its log-densities would be wrong. "
                 + _REMEDIES[batch_status])
         status = max(status, batch_status)
-    return np.concatenate(out), float(np.mean(nfes)), Status.name(status)
+    log_p = np.concatenate(out, axis=1)
+    return (log_p if per_probe else log_p.mean(axis=0)), float(np.mean(nfes)), Status.name(status)
 
 
 _REMEDIES = {
@@ -92,21 +99,37 @@ def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):
     Continuous data: "nll" (mean negative log-likelihood, nats). Images:
     "bpd" (bits/dim, uniform dequantization: the reported figure), and with
     midpoint=True "bpd_midpoint" (u = 0.5, the labelled "clean" figure);
-    "nll" is then of the dequantized y in [0, 1)^D. Always "n", "nfe" (mean
-    forward function evaluations per batch, summed over blocks), "status",
-    "solver" (the evaluation solver, described) and "seconds".
+    "nll" is then of the dequantized y in [0, 1)^D. With two or more
+    Hutchinson probes per sample (`model.set_evaluation(probes=K)`),
+    "nll_se" (and "bpd_se"): the standard error of the figure over the
+    probes. Always "n", "nfe" (mean forward function evaluations per batch,
+    summed over blocks), "status", "trace", "solver" (the evaluation
+    solver, described) and "seconds".
     """
     start = time.perf_counter()
-    log_p, nfe, status = log_prob_batches(model, x, batch_size, context=context)
+    per_probe, nfe, status = log_prob_batches(model, x, batch_size, context=context,
+                                              per_probe=True)
+    log_p = per_probe.mean(axis=0)
     result = {"n": int(len(x)), "nll": float(-np.mean(log_p))}
+    dims = math.prod(model.event_shape)
+    probes = len(per_probe)
+    if probes > 1:
+        # The probes are independent across samples: the mean's variance is
+        # the sum of the per-sample variances of their K-probe means, over n^2.
+        variance = np.sum(np.var(per_probe, axis=0, ddof=1) / probes) / len(x) ** 2
+        result["nll_se"] = float(np.sqrt(variance))
     if model.levels:
-        dims = math.prod(model.event_shape)
         result["bpd"] = float(np.mean(bits_per_dim(log_p, dims, model.levels)))
+        if "nll_se" in result:
+            result["bpd_se"] = result["nll_se"] / (dims * math.log(2.0))
         if midpoint:
             clean, _, _ = log_prob_batches(model, x, batch_size, midpoint=True,
                                            context=context)
             result["bpd_midpoint"] = float(np.mean(bits_per_dim(clean, dims, model.levels)))
-    result.update(nfe=nfe, status=status, solver=model.blocks[0].eval_solver.describe(),
+    block = model.blocks[0]
+    trace = block.evaluation_trace(model.event_shape)
+    result.update(nfe=nfe, status=status, trace=trace if probes == 1 else f"{trace} x{probes}",
+                  solver=block.eval_solver.describe(),
                   seconds=round(time.perf_counter() - start, 3))
     return result
 
@@ -117,13 +140,18 @@ def describe_result(name, result):
     head = f"{name} test ({result['n']} {what}): "
     if "bpd" in result:
         head += f"{result['bpd']:.4f} bits/dim (uniform dequantization)"
+        if "bpd_se" in result:
+            head += f" +- {result['bpd_se']:.4f} (standard error over the probes)"
         if "bpd_midpoint" in result:
             head += f", clean (midpoint) {result['bpd_midpoint']:.4f} bits/dim"
     else:
         head += f"nll {result['nll']:.4f} nats"
+        if "nll_se" in result:
+            head += f" +- {result['nll_se']:.4f} (standard error over the probes)"
         if result.get("entropy") is not None:
             head += f" (the data's entropy, a floor: {result['entropy']:.4f})"
-    line = f"{head}; NFE {result['nfe']:.1f} ({result['solver']}); {result['seconds']:.1f} s"
+    line = (f"{head}; NFE {result['nfe']:.1f} ({result['solver']}, {result['trace']} trace); "
+            f"{result['seconds']:.1f} s")
     if result["status"] != "success":
         line += f"; WARNING: solver status {result['status']}"
     return line

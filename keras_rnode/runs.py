@@ -30,7 +30,8 @@ from keras_rnode.backend.graph_options import avoid_addn_rewrite_race
 from keras_rnode.datasets import TOY_NAMES, make_dataset, toy_entropy
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
 from keras_rnode.evaluation import evaluate_model
-from keras_rnode.models.factory import DEFAULT_HIDDEN, build_model, default_trace
+from keras_rnode.layers.divergence import default_trace
+from keras_rnode.models.factory import DEFAULT_HIDDEN, build_model
 from keras_rnode.models.schedules import LinearWarmup
 from keras_rnode.optimizers import SkipBadSteps
 from keras_rnode.plots import plot_density, save_samples

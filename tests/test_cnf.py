@@ -595,7 +595,7 @@ class FirstRowOnly(keras.layers.Layer):
     (FirstRowOnly, "(1, 2)", "(3, 2)"),
 ])
 def test_dynamics_of_the_wrong_shape(trace, layer, got, expected):
-    cnf = CNF(layer(name="bad_dynamics"), trace=trace, name="my_cnf")
+    cnf = CNF(layer(name="bad_dynamics"), trace=trace, eval_trace=trace, name="my_cnf")
     with pytest.raises(ValueError) as info:
         cnf(np.zeros((3, 2), "float32"))
     message = str(info.value)

@@ -15,6 +15,7 @@ import pytest
 
 import keras_rnode as kr
 from keras_rnode.backend import REPORTS_BACKWARD
+from keras_rnode.layers.cnf import EVALUATION_SEED
 from keras_rnode.datasets import make_dataset, toy
 from tests.backend_utils import BACKEND, np_
 
@@ -32,17 +33,19 @@ FIT_STATS = ("nfe", "backward_nfe") if REPORTS_BACKWARD else ("nfe",)
 
 
 def toy_model(seed=0):
-    """A tiny deterministic 2-D model: exact trace, rk4 training, dopri5 evaluation."""
+    """A tiny deterministic 2-D model: exact trace, rk4 training with the adjoint (whose
+    backward NFE is logged), dopri5 evaluation."""
     dynamics = kr.layers.ConcatSquashMLP(hidden=(16, 16))
     cnf = kr.layers.CNF(dynamics, trace="exact", method="rk4", step_size=0.25,
-                        eval_method="dopri5", eval_rtol=1e-4, eval_atol=1e-4, seed=seed)
+                        gradient="adjoint", eval_method="dopri5", eval_rtol=1e-4,
+                        eval_atol=1e-4, seed=seed)
     return kr.RNODE([cnf], kinetic=0.01, jacobian=0.01, seed=seed)
 
 
 def image_model(trace="exact", zero_init_last=True):
     dynamics = kr.layers.ConcatSquashConvNet(channels=(4,), zero_init_last=zero_init_last)
     cnf = kr.layers.CNF(dynamics, trace=trace, method="rk4", step_size=0.5,
-                        eval_method="rk4", eval_step_size=0.5, seed=0)
+                        gradient="adjoint", eval_method="rk4", eval_step_size=0.5, seed=0)
     return kr.RNODE([cnf], levels=LEVELS, logit_alpha=ALPHA, seed=0)
 
 
@@ -135,9 +138,9 @@ def test_bits_per_dim_matches_hand_computation_of_identity_flow():
     x = images(6)
     got = np_(model.bits_per_dim(x, midpoint=True))
     np.testing.assert_allclose(got, hand_bits_per_dim(x, LEVELS, ALPHA, 0.5), rtol=1e-5)
-    # The uniform figure: u ~ U[0, 1) from the Dequantize layer's generator
-    # (seed 0, not drawn from yet); a twin generator reproduces the draw.
-    u = keras.random.uniform(x.shape, seed=keras.random.SeedGenerator(0))
+    # The uniform figure: u ~ U[0, 1) drawn from the evaluation's fixed seed,
+    # which a twin draw reproduces.
+    u = keras.random.uniform(x.shape, seed=EVALUATION_SEED)
     uniform = np_(model.bits_per_dim(x))
     assert uniform.shape == (6,) and not np.allclose(uniform, got)
     np.testing.assert_allclose(uniform, hand_bits_per_dim(x, LEVELS, ALPHA, np_(u)),

@@ -16,6 +16,19 @@ from keras_rnode.backend import distribute
 
 TRACES = ("hutchinson", "exact")
 PROBES = ("gaussian", "rademacher")
+EXACT_TRACE_MAX_DIM = 10
+
+
+def default_trace(event_shape):
+    """The divergence estimator for data of `event_shape`: exact where it is cheap.
+
+    The exact trace costs one Jacobian-vector product per dimension, so it
+    is the choice for flat data of at most EXACT_TRACE_MAX_DIM dimensions
+    (the 2-D toys); Hutchinson's estimator otherwise. The one rule for a
+    CNF's evaluation trace and for `rnode train --trace auto`.
+    """
+    small = len(event_shape) == 1 and event_shape[0] <= EXACT_TRACE_MAX_DIM
+    return "exact" if small else "hutchinson"
 
 
 def _event_axes(z):
@@ -32,19 +45,21 @@ def event_mean(x):
     return ops.sum(x, axis=_event_axes(x)) / math.prod(x.shape[1:])
 
 
-def draw_probes(kind, shape, dtype, seed_generator):
+def draw_probes(kind, shape, dtype, seed):
     """Hutchinson probes eps of `shape`: "gaussian" N(0, I) or "rademacher" +-1.
 
-    Each replica of a tf.distribute strategy draws its own (see
-    `distribute.replica_noise`); otherwise Keras's random ops draw from
-    `seed_generator`.
+    `seed`: a keras.random.SeedGenerator (fresh probes at every draw: for
+    training, each replica of a tf.distribute strategy drawing its own, see
+    `distribute.replica_noise`), or an int (the same probes for the same
+    shape at every draw, in every process: for evaluation).
     """
-    per_replica = distribute.replica_noise(kind, shape, dtype, seed_generator)
-    if per_replica is not None:
-        return per_replica
+    if isinstance(seed, keras.random.SeedGenerator):
+        per_replica = distribute.replica_noise(kind, shape, dtype, seed)
+        if per_replica is not None:
+            return per_replica
     if kind == "gaussian":
-        return keras.random.normal(shape, dtype=dtype, seed=seed_generator)
-    bits = keras.random.randint(shape, 0, 2, seed=seed_generator)
+        return keras.random.normal(shape, dtype=dtype, seed=seed)
+    bits = keras.random.randint(shape, 0, 2, seed=seed)
     return ops.cast(2 * bits - 1, dtype)
 
 

@@ -63,7 +63,10 @@ class Dequantize(keras.layers.Layer):
     """Integers x in {0..levels-1} -> (y, logdet): y = (x + u) / levels in [0, 1).
 
     u ~ U[0, 1) is drawn from the layer's SeedGenerator, both in training
-    and at evaluation (the reported figure is the uniform-dequantized one).
+    and at evaluation (the reported figure is the uniform-dequantized one),
+    or from the int `seed` a call passes: the same u for the same input
+    at every call (an RNODE's evaluation does that, so that it is
+    deterministic).
     u = 0.5 (the labelled "midpoint" figure) when called with
     deterministic=True, or at inference (training falsy) when the layer was
     built with midpoint=True; deterministic=False forces noise.
@@ -86,7 +89,7 @@ class Dequantize(keras.layers.Layer):
             check_levels(x, self.levels)
         return super().__call__(x, *args, **kwargs)
 
-    def call(self, x, training=None, deterministic=None):
+    def call(self, x, training=None, deterministic=None, seed=None):
         if deterministic is None:
             deterministic = self.midpoint and not training
         x = ops.cast(x, self.compute_dtype)
@@ -94,7 +97,8 @@ class Dequantize(keras.layers.Layer):
             u = 0.5
         else:
             u = keras.random.uniform(
-                ops.shape(x), dtype=self.compute_dtype, seed=self.seed_generator
+                ops.shape(x), dtype=self.compute_dtype,
+                seed=self.seed_generator if seed is None else seed
             )
         # x + u rounds up to `levels` when u is within half an ulp of 1; keep y < 1.
         below_one = 1.0 - float(np.finfo(np.dtype(self.compute_dtype)).epsneg)

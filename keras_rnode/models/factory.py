@@ -7,18 +7,6 @@ from keras_rnode.models.rnode import RNODE
 
 ARCHITECTURES = ("single", "multiscale")
 DEFAULT_HIDDEN = (64, 64, 64)
-EXACT_TRACE_MAX_DIM = 10
-
-
-def default_trace(event_shape):
-    """The divergence estimator for data of `event_shape`: exact where it is cheap.
-
-    The exact trace costs one Jacobian-vector product per dimension, so it
-    is used for flat data of at most EXACT_TRACE_MAX_DIM dimensions (the
-    2-D toys); Hutchinson's estimator otherwise.
-    """
-    small = len(event_shape) == 1 and event_shape[0] <= EXACT_TRACE_MAX_DIM
-    return "exact" if small else "hutchinson"
 
 
 def build_model(event_shape, levels, *, hidden, blocks, kinetic, jacobian, logit_alpha, seed,

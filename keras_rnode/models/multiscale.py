@@ -104,20 +104,19 @@ class MultiscaleRNODE(RNODE):
         self._shapes = shapes + [(h, w, c)]
         self.built = True
 
-    def _forward(self, x, training, regularize, context=None):
-        latents, delta, kinetic, jacobian = [], 0.0, 0.0, 0.0
+    def _forward(self, x, training=False, regularize=False, **call_options):
+        latents, sums = [], (0.0, 0.0, 0.0)
+        options = dict(training=training, regularize=regularize, **call_options)
         for before, after in self._plan():
-            x, delta, kinetic, jacobian = flow_through(before, x, context, training, regularize,
-                                                       delta, kinetic, jacobian)
+            x, sums = flow_through(before, x, sums, **options)
             if after is None:
                 break
             x = squeeze(x)
-            x, delta, kinetic, jacobian = flow_through(after, x, context, training, regularize,
-                                                       delta, kinetic, jacobian)
+            x, sums = flow_through(after, x, sums, **options)
             half = x.shape[-1] // 2
             latents.append(x[..., half:])
             x = x[..., :half]
-        return latents + [x], delta, kinetic, jacobian
+        return latents + [x], *sums
 
     def _inverse(self, latents, context=None):
         x = latents[-1]

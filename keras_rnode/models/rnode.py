@@ -8,7 +8,7 @@ from keras import ops
 
 from keras_rnode import backend, checks
 from keras_rnode.backend.distribute import scale_loss
-from keras_rnode.layers.cnf import CNF
+from keras_rnode.layers.cnf import CNF, EVALUATION_SEED
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -20,15 +20,16 @@ def standard_normal_log_prob(z):
     return -0.5 * ops.sum(ops.square(z), axis=axes) - 0.5 * dims * LOG_2PI
 
 
-def flow_through(blocks, x, context, training, regularize, delta=0.0, kinetic=0.0,
-                 jacobian=0.0):
-    """x through CNF blocks in order: (z, delta, kinetic, jacobian), each sum carried on."""
+def flow_through(blocks, x, sums=(0.0, 0.0, 0.0), **call_options):
+    """x through CNF blocks in order, each called with `call_options` (context, training,
+    regularize, probes, per_probe): (z, (delta, kinetic, jacobian)), the sums carried on."""
+    delta, kinetic, jacobian = sums
     for block in blocks:
-        out = block(x, context=context, training=training, regularize=regularize)
+        out = block(x, **call_options)
         x, delta = out[0], delta + out[1]
-        if regularize:
+        if len(out) == 4:  # regularized
             kinetic, jacobian = kinetic + out[2], jacobian + out[3]
-    return x, delta, kinetic, jacobian
+    return x, (delta, kinetic, jacobian)
 
 
 def flow_back(blocks, z, context):
@@ -66,7 +67,8 @@ class RNODE(keras.Model):
     `model(x)` returns log p(x) per sample (of the dequantized y in [0,1)^D
     for images). Training minimizes bpd (or nats) + lambda_K * kinetic +
     lambda_J * jacobian, regularizers summed over blocks, and logs loss,
-    bpd or nll, kinetic, jacobian, nfe and backward_nfe.
+    bpd or nll, kinetic, jacobian, nfe and (with the adjoint gradient, where
+    the backend reports it) backward_nfe.
     """
 
     def __init__(self, blocks, kinetic=0.01, jacobian=0.01, levels=None, logit_alpha=None,
@@ -90,7 +92,9 @@ class RNODE(keras.Model):
         self.trackers = {
             name: keras.metrics.Mean(name=name)
             for name in (self.objective_name, "kinetic", "jacobian", "nfe")
-            + (("backward_nfe",) if backend.REPORTS_BACKWARD else ())
+            # Only the adjoint solves backwards, and JAX cannot report it.
+            + (("backward_nfe",) if backend.REPORTS_BACKWARD and any(
+                b.train_solver.gradient == "adjoint" for b in blocks) else ())
         }
         # Training steps (per epoch) whose solve stopped short of T.
         self.trackers["solver_failures"] = keras.metrics.Sum(name="solver_failures")
@@ -114,8 +118,13 @@ class RNODE(keras.Model):
         (x, context) pairs, sample(n, context)."""
         return self.blocks[0].conditional
 
-    def _flow(self, x, context, training, regularize, deterministic=None):
-        """x (given the context) -> (log p per sample, kinetic sum, jacobian sum)."""
+    def _flow(self, x, context, training, regularize, deterministic=None, probes=None,
+              per_probe=False):
+        """x (given the context) -> (log p per sample, kinetic sum, jacobian sum).
+
+        With per_probe, log p is (probes, batch): one row per Hutchinson probe
+        of the evaluation (see `CNF.call`).
+        """
         checks.check_finite(x)
         checks.check_finite(context, "the context")
         if self.levels and isinstance(x, np.ndarray):
@@ -130,28 +139,33 @@ class RNODE(keras.Model):
             raise ValueError(f"the model takes events of shape {tuple(self.event_shape)}, got "
                              f"x of shape {tuple(x.shape)}")
         if self.dequantize is not None:
-            x, _ = self.dequantize(x, training=training, deterministic=deterministic)
-        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize, context)
+            # Evaluation draws its u from a fixed seed: the same input, the same number.
+            x, _ = self.dequantize(x, training=training, deterministic=deterministic,
+                                   seed=None if training else EVALUATION_SEED)
+        options = dict(context=context, probes=probes, per_probe=per_probe)
+        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize, **options)
         log_p = sum(standard_normal_log_prob(z) for z in latents) + logdet
         return log_p, kinetic, jacobian
 
-    def _encode(self, x, training=False, regularize=False, context=None):
+    def _encode(self, x, training=False, regularize=False, **call_options):
         """Continuous x -> (latent parts, log-det of the whole map, kinetic, jacobian sums)."""
         logdet = 0.0
         if self.logit is not None:
             x, logdet = self.logit(x)
-        latents, delta, kinetic, jacobian = self._forward(x, training, regularize, context)
+        latents, delta, kinetic, jacobian = self._forward(x, training, regularize,
+                                                          **call_options)
         return latents, logdet - delta, kinetic, jacobian
 
-    def _forward(self, x, training, regularize, context=None):
+    def _forward(self, x, training=False, regularize=False, **call_options):
         """The CNF part: x -> (latent parts, sum of delta_logp, kinetic sum, jacobian sum).
 
+        `call_options` go to every block (context, probes, per_probe).
         Subclasses with another arrangement of blocks override this,
         `_inverse` and `_latent_shapes`; the rest of the model is shared.
         """
-        z, delta, kinetic, jacobian = flow_through(self.blocks, x, context, training,
-                                                   regularize)
-        return [z], delta, kinetic, jacobian
+        z, sums = flow_through(self.blocks, x, training=training, regularize=regularize,
+                               **call_options)
+        return [z], *sums
 
     def _inverse(self, latents, context=None):
         """Latent parts -> x before the logit transform (the inverse of `_forward`)."""
@@ -196,10 +210,15 @@ class RNODE(keras.Model):
             data = (tuple(data),)
         return (*state, data)
 
-    def log_prob(self, x, context=None, training=False):
+    def log_prob(self, x, context=None, training=False, probes=None):
         """log p(x) per sample (nats), of x given the context (batch, C) for a conditional
-        model; for images, of the dequantized y = (x + u) / L."""
-        return self._flow(x, context, training, False)[0]
+        model; for images, of the dequantized y = (x + u) / L.
+
+        Not training, it is deterministic: Hutchinson probes (and the
+        dequantization noise) come from fixed seeds; `probes` (default each
+        block's eval_probes) are averaged per sample.
+        """
+        return self._flow(x, context, training, False, probes=probes)[0]
 
     def bits_per_dim(self, x, context=None, midpoint=False):
         """Bits/dim per sample (uniform dequantization; midpoint=True: the "clean" figure)."""
@@ -221,6 +240,12 @@ class RNODE(keras.Model):
         if context is not None and len(ops.shape(context)) == 1:
             context = ops.tile(ops.reshape(ops.convert_to_tensor(context), (1, -1)), (n, 1))
         return self._sample(n, context, seed)
+
+    def as_distribution(self):
+        """This built, unconditional model as a `tfp.distributions.TransformedDistribution`
+        (TensorFlow only; shapes and errors: `keras_rnode.distributions.as_distribution`)."""
+        from keras_rnode.distributions import as_distribution
+        return as_distribution(self)
 
     def _sample(self, n, context=None, seed=None):
         """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
@@ -277,6 +302,23 @@ class RNODE(keras.Model):
     def solves_succeeded(self):
         """True (a boolean tensor) when every block's last solve reached T."""
         return ops.all(ops.stack([ops.equal(b.stats["status"], 0) for b in self.blocks]))
+
+    def set_evaluation(self, trace=None, probes=None, **solver):
+        """Change how every block evaluates: its trace ("exact", "hutchinson"), its
+        Hutchinson probes per sample, or fields of its evaluation SolverSettings
+        (method, rtol, atol, step_size, ...). None leaves a setting as it is.
+        Raises ValueError for a bad value, naming it."""
+        for block in self.blocks:
+            block.set_evaluation(trace=trace, probes=probes, **solver)
+
+    def compile_from_config(self, config):
+        """Compile as the saved model was (optimizer, its state, jit_compile): a model
+        loaded from .keras trains on without compile(). Keras skips this for a
+        model whose compile() is its own."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
 
     def compile(self, optimizer="rmsprop", **kwargs):
         super().compile(optimizer=optimizer, **kwargs)
