@@ -39,11 +39,12 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
                   callbacks=(), verbose=1):
     """Train `model` for epochs x steps_per_epoch steps, checkpointing into backup_dir.
 
-    `make_data(start)`: the seeded stream of batches (a tf.data.Dataset)
-    from batch `start` on, built afresh at each call, e.g.
-    `lambda start: make_dataset(x, b, seed=s, repeat=True).skip(start)`: a
-    shuffled dataset reshuffles at each new iterator, so reusing one object
-    for two phases would feed the second a different order.
+    `make_data(start)`: the seeded stream of batches (a tf.data.Dataset or
+    a keras.utils.PyDataset) from batch `start` on, built afresh at each
+    call, e.g. `lambda start: make_dataset(x, b, seed=s, repeat=True,
+    start=start)`: a shuffled tf.data set reshuffles at each new iterator,
+    so reusing one object for two phases would feed the second a different
+    order.
 
     Continues from the checkpoint in backup_dir if there is one. Returns
     (history: metric -> per-epoch list, the step resumed from or None).
@@ -51,11 +52,9 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
     early; the checkpoint then stays as it was last saved.
     """
     if not model.built:  # a checkpoint can only be loaded into a built model
-        spec = make_data(0).element_spec
-        spec = spec[0] if isinstance(spec, tuple) else spec
         strategy = getattr(model, "distribute_strategy", None)  # variables belong in its scope
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            model.build(tuple(spec.shape))
+            model.build(_batch_shape(make_data(0)))
     resumed = StepBackup.resume_step(backup_dir)
     backup = StepBackup(backup_dir, checkpoint_every)
     history = {}
@@ -72,3 +71,12 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
         if model.stop_training:
             break
     return history, resumed
+
+
+def _batch_shape(data):
+    """The shape of the model input in a batch of `data` (the x of an (x, context) pair)."""
+    if hasattr(data, "element_spec"):  # tf.data: known without drawing a batch
+        spec = data.element_spec
+        return tuple((spec[0] if isinstance(spec, tuple) else spec).shape)
+    batch = data[0]
+    return tuple((batch[0] if isinstance(batch, tuple) else batch).shape)

@@ -1,20 +1,25 @@
-"""A tf.data input pipeline for unlabelled arrays: cache, seeded shuffle, batch, prefetch."""
+"""The input pipeline for unlabelled arrays: tf.data on TensorFlow, a PyDataset elsewhere."""
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_rnode import checks
 
 
 def make_dataset(
-    x, batch_size, shuffle=True, seed=0, repeat=False, drop_remainder=True, cache=True
+    x, batch_size, shuffle=True, seed=0, repeat=False, drop_remainder=True, cache=True, start=0
 ):
-    """Batches of x as a tf.data.Dataset.
+    """Batches of x, from batch `start` of the stream on.
 
-    With drop_remainder every batch has the same static shape, which keeps
-    a jit-compiled train step from retracing on the last, smaller batch.
+    On the TensorFlow backend a tf.data.Dataset (cached, shuffled,
+    batched, prefetched); on JAX and PyTorch a `batches.ArrayBatches`
+    (keras.utils.PyDataset), which needs no TensorFlow. With
+    drop_remainder every batch has the same static shape, which keeps a
+    jit-compiled train step from retracing on the last, smaller batch.
     Shuffling uses `seed` and reshuffles each pass, so two datasets built
-    with the same seed yield the same sequence of epochs.
+    with the same seed yield the same sequence of epochs (the two backends'
+    sequences differ). Raises ValueError for a non-array, NaN or inf in x,
+    or a batch larger than x with drop_remainder.
     """
     if not isinstance(x, np.ndarray):
         raise ValueError(f"x must be a numpy array, got {type(x).__name__}")
@@ -27,6 +32,12 @@ def make_dataset(
             "drop_remainder=True no batch would be produced"
         )
     checks.check_finite(x, "x")
+    start = checks.integer(start, "start", minimum=0)
+    if keras.backend.backend() != "tensorflow":
+        from keras_rnode.datasets.batches import ArrayBatches
+
+        return ArrayBatches(x, batch_size, shuffle, seed, repeat, drop_remainder, start)
+    import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(x)
     # Cache before shuffling: the cached pass is reused, the order is not.
@@ -36,5 +47,5 @@ def make_dataset(
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).skip(start)
     return ds.prefetch(tf.data.AUTOTUNE)
