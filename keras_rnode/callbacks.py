@@ -20,7 +20,7 @@ import warnings
 import keras
 import numpy as np
 
-ACTIONS = ("warn", "skip", "stop")
+from keras_rnode.actions import ACTIONS
 
 
 def _check_action(action, allowed):

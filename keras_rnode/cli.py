@@ -8,7 +8,11 @@ keras_rnode.evaluation, keras_rnode.plots, keras_rnode.datasets.registry
 
 The solver's options are generated from one list, SOLVER_OPTIONS: each
 entry is a field of `SolverSettings` and becomes --NAME and, for the
-evaluation solver, --eval-NAME.
+evaluation solver, --eval-NAME (and `rnode evaluate`'s --NAME).
+
+The option choices come from modules that load without keras; keras and
+TensorFlow are imported inside the commands that use them (`_load_keras`),
+so that `rnode --help` answers at once.
 """
 
 import dataclasses
@@ -21,17 +25,15 @@ from collections.abc import Callable
 import click
 import numpy as np
 from click.core import ParameterSource
-from keras import ops
 
 from keras_rnode import runs
-from keras_rnode.callbacks import ACTIONS
-from keras_rnode.datasets import TOY_NAMES
+from keras_rnode.actions import ACTIONS
 from keras_rnode.datasets.registry import IMAGE_DATASETS, TOY_TEST_SIZE, check_dataset
-from keras_rnode.evaluation import describe_result, emit_result
+from keras_rnode.datasets.toy import TOY_NAMES
 from keras_rnode.layers.divergence import EXACT_TRACE_MAX_DIM, PROBES, TRACES
+from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.models.factory import ARCHITECTURES, DEFAULT_HIDDEN
-from keras_rnode.models.multiscale import DYNAMICS
-from keras_rnode.plots import save_samples
+from keras_rnode.plots import plot_trajectories, save_samples
 from keras_rnode.solvers.settings import (
     FIXED_STEP_METHODS,
     GRADIENTS,
@@ -69,6 +71,32 @@ def friendly_errors(fn):
             raise click.ClickException(_one_line(err)) from None
 
     return wrapper
+
+
+def _load_keras():
+    """Import keras for a command, silencing what TensorFlow's C++ side prints while it loads
+    and looks for devices (oneDNN, the CUDA probes, absl's "before InitializeLog" line).
+
+    Those lines are written to the process's stderr before TF_CPP_MIN_LOG_LEVEL
+    applies, so only its file descriptor, closed for that moment, stops them;
+    TF_CPP_MIN_LOG_LEVEL=0 keeps them.
+    """
+    if "keras" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras
+
+        if keras.config.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # its CUDA probe logs an error on a CPU
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _positive(ctx, param, value):
@@ -126,9 +154,11 @@ SOLVER_OPTIONS = (
                  evaluation=True,
                  eval_help="Solver for held-out evaluation, sampling and export."),
     SolverOption("rtol", float, "Relative tolerance of the adaptive training solver.",
-                 evaluation=True, callback=_positive),
+                 evaluation=True, eval_help="Relative tolerance of the adaptive evaluation "
+                 "solver.", callback=_positive),
     SolverOption("atol", float, "Absolute tolerance of the adaptive training solver.",
-                 evaluation=True, callback=_positive),
+                 evaluation=True, eval_help="Absolute tolerance of the adaptive evaluation "
+                 "solver.", callback=_positive),
     SolverOption("step_size", float,
                  "Step of a fixed-step training solver (the paper: rk4, 0.25).",
                  evaluation=True, eval_help="Step of a fixed-step evaluation solver.",
@@ -144,16 +174,40 @@ def _flag(prefix, field):
     return "--" + (prefix + field).replace("_", "-")
 
 
+def _add_options(command, entries):
+    """Add an option for each (SolverOption, flag prefix, help, default), in order."""
+    for option, prefix, text, default in reversed(entries):  # decorators apply bottom-up
+        command = click.option(_flag(prefix, option.field), default=default,
+                               show_default=default is not None, type=option.type,
+                               callback=option.callback, help=text)(command)
+    return command
+
+
 def solver_options(command):
     """Add --X for every SOLVER_OPTIONS entry, then --eval-X for those with an eval twin."""
     defaults = SolverSettings()
-    options = [(o, "", o.help) for o in SOLVER_OPTIONS]
-    options += [(o, "eval_", o.eval_help) for o in SOLVER_OPTIONS if o.evaluation]
-    for option, prefix, text in reversed(options):  # decorators apply bottom-up
-        default = getattr(defaults, option.field) if option.default is None else option.default
-        command = click.option(_flag(prefix, option.field), default=default, show_default=True,
-                               type=option.type, callback=option.callback, help=text)(command)
-    return command
+
+    def default(option):
+        return getattr(defaults, option.field) if option.default is None else option.default
+
+    entries = [(o, "", o.help, default(o)) for o in SOLVER_OPTIONS]
+    entries += [(o, "eval_", o.eval_help, default(o)) for o in SOLVER_OPTIONS if o.evaluation]
+    return _add_options(command, entries)
+
+
+def evaluation_solver_options(command):
+    """Add --X for the SOLVER_OPTIONS entries with an eval twin: a trained run's evaluation
+    solver, changed for one evaluation (None: the run's own)."""
+    return _add_options(command, [(o, "", f"{o.eval_help}  [default: the run's]", None)
+                                  for o in SOLVER_OPTIONS if o.evaluation])
+
+
+def _check_step_size(values, prefix):
+    """A fixed-step method needs its step: unset, it would silently take another (the
+    training one, the run's)."""
+    if values["method"] in FIXED_STEP_METHODS and values["step_size"] is None:
+        raise click.UsageError(f"{_flag(prefix, 'method')} {values['method']} needs "
+                               f"{_flag(prefix, 'step_size')}")
 
 
 def _checked(make, prefix):
@@ -169,11 +223,8 @@ def _pop_solver_settings(options):
     train = {o.field: options.pop(o.field) for o in SOLVER_OPTIONS}
     evaluation = {o.field: options.pop("eval_" + o.field) for o in SOLVER_OPTIONS
                   if o.evaluation}
-    # An unset evaluation step would silently take the training one: ask for it.
     for prefix, values in (("", train), ("eval_", evaluation)):
-        if values["method"] in FIXED_STEP_METHODS and values["step_size"] is None:
-            raise click.UsageError(f"{_flag(prefix, 'method')} {values['method']} needs "
-                                   f"{_flag(prefix, 'step_size')}")
+        _check_step_size(values, prefix)
     solver = _checked(lambda: SolverSettings(**train), "")
     return solver, _checked(lambda: solver.for_evaluation(**evaluation), "eval_")
 
@@ -215,7 +266,7 @@ def main():
               type=click.Choice(ARCHITECTURES),
               help="Images: one chain of CNF blocks, or FFJORD's multiscale model (squeeze, "
                    "factor out half the channels, repeat; the paper's for MNIST, CIFAR-10).")
-@click.option("--layer-type", default=None, type=click.Choice(sorted(DYNAMICS)),
+@click.option("--layer-type", default=None, type=click.Choice(sorted(CONV_DYNAMICS)),
               help="Images: conv dynamics, t as an extra channel (concat) or gated by t "
                    "(concatsquash).  [default: concat multiscale, concatsquash single]")
 @click.option("--kinetic", default=0.01, show_default=True, type=click.FloatRange(min=0),
@@ -254,8 +305,12 @@ def main():
 @click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
               help="Data-parallel training on this many devices (tf.distribute."
                    "MirroredStrategy): GPUs, or the CPU split into logical devices.")
-@click.option("--jit/--no-jit", default=True, show_default=True,
-              help="Compile the training step with XLA (first step slow, then fast).")
+@click.option("--jit", "jit", default="auto", show_default=True, is_flag=False, flag_value="on",
+              type=click.Choice(tuple(runs.JIT_CHOICES)),
+              help="Compile the training step with XLA (on: the first step slow, then fast) "
+                   "or not (off: graph mode); auto: XLA for flat data and on a GPU, graph mode "
+                   "for images on a CPU, where it is faster. --jit alone is on.")
+@click.option("--no-jit", is_flag=True, help="The same as --jit off.")
 @click.option("--out", "out", default=None, type=click.Path(file_okay=False),
               help="Run directory.  [default: runs/DATASET]")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run directory.")
@@ -293,14 +348,10 @@ def train(**options):
       rnode train --dataset mnist --hidden 64,64,64 --blocks 2 --method rk4 \\
           --step-size 0.25 --batch-size 200 --out runs/mnist
     """
-    if options["resume"]:
-        ctx = click.get_current_context()
-        given = {name for name in options
-                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-        settings = runs.resumed_settings(options, given)
-    else:
-        solver, eval_solver = _pop_solver_settings(options)
-        settings = runs.TrainSettings(solver=solver, eval_solver=eval_solver, **options)
+    settings = _train_settings(options, click.get_current_context())
+    _load_keras()
+    from keras_rnode.evaluation import describe_result
+
     try:
         report = runs.train(settings, note=functools.partial(click.echo, err=True))
     except runs.RunInterrupted as err:
@@ -308,6 +359,27 @@ def train(**options):
         raise click.exceptions.Exit(130) from None
     click.echo(describe_result(report.name, report.test))
     click.echo(f"run directory: {report.out} (trained {report.train_seconds:.1f} s)")
+
+
+def _train_settings(options, ctx):
+    """The TrainSettings of `rnode train`'s parsed options (popped from `options`)."""
+    given = {name for name in options
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    if options.pop("no_jit"):
+        if "jit" in given:
+            raise click.UsageError("give --jit or --no-jit, not both")
+        options["jit"], given = "off", given | {"jit"}
+    options["jit"] = runs.JIT_CHOICES[options["jit"]]
+    if options["resume"]:
+        return runs.resumed_settings(options, given)
+    solver, eval_solver = _pop_solver_settings(options)
+    return runs.TrainSettings(solver=solver, eval_solver=eval_solver, **options)
+
+
+def train_settings(args=()):
+    """The TrainSettings `rnode train ARGS` trains with, for scripts and benchmarks."""
+    with train.make_context("train", list(args)) as ctx:
+        return _train_settings(dict(ctx.params), ctx)
 
 
 @main.command()
@@ -319,10 +391,18 @@ def train(**options):
               help="Held-out sample size.  [default: the run's]")
 @click.option("--batch-size", default=None, type=click.IntRange(min=1),
               help="Evaluation batch size.  [default: the run's --eval-batch-size]")
+@click.option("--trace", default=None, type=click.Choice(TRACES),
+              help="Divergence estimator: exact (one Jacobian-vector product per dimension) "
+                   "or hutchinson (probes drawn from a fixed seed).  [default: the run's]")
+@click.option("--probes", default=None, type=click.IntRange(min=1),
+              help="Hutchinson probes averaged per sample; with 2 or more the standard error "
+                   "over them is reported beside the figure.  [default: the run's, 1]")
+@evaluation_solver_options
 @click.option("--json", "json_only", is_flag=True, help="Print only the JSON line.")
 @friendly_errors
-def evaluate(run_dir, dataset, n_test, batch_size, json_only):
-    """Held-out nll (nats) or bits/dim of a trained run, with its evaluation solver.
+def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, json_only, **solver):
+    """Held-out nll (nats) or bits/dim of a trained run, with its evaluation solver or
+    the trace, probes and solver given here.
 
     Prints a line for a person, then one JSON line. Images: the uniformly
     dequantized bits/dim (the reported figure) and, labelled, the clean
@@ -333,9 +413,16 @@ def evaluate(run_dir, dataset, n_test, batch_size, json_only):
     Examples:
       rnode evaluate runs/8g
       rnode evaluate runs/digits --json
+      rnode evaluate runs/digits --trace hutchinson --probes 8 --rtol 1e-6 --atol 1e-6
+      rnode evaluate runs/mnist --trace exact --method rk4 --step-size 0.05
       rnode evaluate runs/mine --dataset heldout.npy
     """
+    _check_step_size(solver, "")
+    _load_keras()
+    from keras_rnode.evaluation import emit_result
+
     model = runs.load_model(run_dir)
+    _checked(lambda: runs.choose_evaluation(model, trace, probes, **solver), "")
     config = runs.load_config(run_dir)
     x, name = runs.evaluation_data(config, dataset, n_test)
     result = runs.held_out_quality(model, x, name,
@@ -350,9 +437,18 @@ def evaluate(run_dir, dataset, n_test, batch_size, json_only):
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False),
               help="FILE.npy (the array) or FILE.png (scatter for 2-D, grid for images).")
 @click.option("--seed", default=None, type=int, help="Seed of the base noise.")
+@click.option("--trajectories", is_flag=True,
+              help="Instead of samples, the paths z(t) of n held-out points from the data "
+                   "(t = 0) to the noise (t = T), through the trained flow: a picture "
+                   "(FILE.png, 2-D runs) or the positions (FILE.npy, (blocks * steps + 1, n, "
+                   "*event_shape)).")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="With --trajectories: the pieces of each block's [0, T] a path is drawn "
+                   "through.")
 @friendly_errors
-def sample(run_dir, n, out, seed):
-    """Draw samples from a trained run (inverse flow, evaluation solver).
+def sample(run_dir, n, out, seed, trajectories, steps):
+    """Draw samples from a trained run (inverse flow, evaluation solver), or with
+    --trajectories the paths of data points through its flow.
 
     Images come out as grey levels 0..L-1.
 
@@ -361,13 +457,34 @@ def sample(run_dir, n, out, seed):
       rnode sample runs/8g -n 5000 --out 8g.png
       rnode sample runs/digits -n 64 --out digits.png --seed 1
       rnode sample runs/8g -n 100 --out samples.npy
+      rnode sample runs/8g -n 500 --trajectories --out paths.png
     """
     if not out.endswith((".npy", ".png")):
         raise click.BadParameter(f"must end in .npy or .png, got {out!r}", param_hint="--out")
+    _load_keras()
+    from keras import ops
+
     model = runs.load_model(run_dir)
+    if trajectories:
+        _write_trajectories(model, runs.load_config(run_dir), n, steps, out)
+        return
     samples = np.asarray(ops.convert_to_numpy(model.sample(n, seed=seed)))
     save_samples(samples, out, model.levels)
     click.echo(f"{n} samples of shape {tuple(samples.shape[1:])} written to {out}")
+
+
+def _write_trajectories(model, config, n, steps, out):
+    """`rnode sample --trajectories`: the paths of the run's first n held-out points."""
+    from keras_rnode.trajectories import length_ratio, trajectories
+
+    x, _ = runs.evaluation_data(config, n_test=n)
+    paths = trajectories(model, x[:n], steps)
+    if out.endswith(".npy"):
+        np.save(out, paths)
+    else:
+        plot_trajectories([paths], out)
+    click.echo(f"paths of {len(x[:n])} points through {len(paths) - 1} pieces written to "
+               f"{out}; mean path length / mean displacement {length_ratio(paths):.3f}")
 
 
 @main.command()
@@ -388,6 +505,7 @@ def export(run_dir, out, overwrite):
     out = out or os.path.join(run_dir, "saved_model")
     if os.path.lexists(out) and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    _load_keras()
     model = runs.load_model(run_dir)
     path = model.export(out, overwrite=overwrite)
     click.echo(f"SavedModel written to {path} (endpoints: log_prob, sample)")

@@ -1,14 +1,13 @@
 """Figures of a model: its density beside the data (2-D), and its samples (2-D or images).
 
 matplotlib is imported inside the functions: a model that is never drawn
-never pays for it.
+never pays for it; keras (through keras_rnode.evaluation) likewise, so that
+the command line's help loads without it.
 """
 
 import math
 
 import numpy as np
-
-from keras_rnode.evaluation import log_prob_batches
 
 
 def _pyplot():
@@ -32,6 +31,8 @@ def _save(plt, fig, axes, path):
 
 def plot_density(model, x, path, batch_size=500, resolution=80):
     """2-D data: a histogram of x beside the model's density on a grid."""
+    from keras_rnode.evaluation import log_prob_batches
+
     lo, hi = np.percentile(x, [0.5, 99.5], axis=0)
     pad = 0.1 * (hi - lo)
     lo, hi = lo - pad, hi + pad
@@ -82,3 +83,33 @@ def save_samples(samples, path, levels=None):
         raise ValueError(f"cannot draw samples of shape {samples.shape[1:]} as a PNG; "
                          "write them to a .npy file")
     _save(plt, fig, [ax], path)
+
+
+def plot_trajectories(panels, path, titles=None):
+    """2-D particle paths z(t), from the data (dots) to the noise, one panel per array.
+
+    `panels`: arrays of (times, n, 2) positions (`keras_rnode.trajectories`),
+    drawn side by side under `titles`.
+    """
+    from matplotlib.collections import LineCollection
+
+    plt = _pyplot()
+    titles = titles or [None] * len(panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    for ax, paths, title in zip(axes[0], panels, titles):
+        paths = np.asarray(paths)
+        if paths.ndim != 3 or paths.shape[2] != 2:
+            raise ValueError(f"trajectories are drawn for 2-D data: (times, n, 2) positions, "
+                             f"got shape {paths.shape}")
+        ax.add_collection(LineCollection(np.swapaxes(paths, 0, 1), linewidths=0.5,
+                                         alpha=0.5, color="tab:blue"))
+        ax.scatter(paths[0, :, 0], paths[0, :, 1], s=3, color="black", zorder=3,
+                   label="data (t = 0)")
+        ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=3, color="tab:orange", zorder=3,
+                   label="noise (t = T)")
+        ax.autoscale()
+        ax.set_aspect("equal")
+        if title:
+            ax.set_title(title, fontsize=9)
+    axes[0][0].legend(loc="lower left", fontsize=7, markerscale=3)
+    _save(plt, fig, axes[0], path)

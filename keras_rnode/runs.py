@@ -22,21 +22,16 @@ import shutil
 import time
 from dataclasses import dataclass
 
-import keras
-
-from keras_rnode import __version__, callbacks, checks
-from keras_rnode.backend.distribute import mirrored_strategy, supports_jit
-from keras_rnode.backend.graph_options import avoid_addn_rewrite_race
-from keras_rnode.datasets import TOY_NAMES, make_dataset, toy_entropy
+from keras_rnode import __version__, checks
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
-from keras_rnode.evaluation import evaluate_model
+from keras_rnode.datasets.toy import TOY_NAMES, toy_entropy
 from keras_rnode.layers.divergence import default_trace
 from keras_rnode.models.factory import DEFAULT_HIDDEN, build_model
-from keras_rnode.models.schedules import LinearWarmup
-from keras_rnode.optimizers import SkipBadSteps
 from keras_rnode.plots import plot_density, save_samples
-from keras_rnode.resumable import fit_resumable
 from keras_rnode.solvers.settings import SolverSettings, flatten_pair, pop_pair
+
+# keras, and the modules that load it, are imported when used, so that the
+# command line's help loads without it.
 
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
@@ -47,6 +42,8 @@ SAMPLES_FILE = "samples.png"
 CHECKPOINT_DIR = "checkpoint"
 OPTIONS_FILE = "options.json"
 DEFAULT_EPOCHS = 10
+# --jit's choices, as TrainSettings.jit takes them: XLA, graph mode, or `jit_choice`'s.
+JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
 # Options a resumed run may change: what to do on trouble, and how it shows.
 RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
                      "on_max_steps", "nfe_limit", "on_nfe_limit")
@@ -73,7 +70,8 @@ class TrainSettings:
 
     `solver` and `eval_solver` are the training and evaluation solvers;
     on disk their fields are flat options of their own (method, eval_rtol,
-    ...: see `to_options`). `hidden=None` and `trace="auto"` are decided by
+    ...: see `to_options`). `jit` is True (XLA), False (graph mode) or
+    "auto". `hidden=None`, `trace="auto"` and `jit="auto"` are decided by
     the data (`resolved`); `eval_trace=None` is as `trace`; `out=None` is
     runs/DATASET (`run_dir`). Raises OptionConflict for options that cannot
     go together.
@@ -102,7 +100,7 @@ class TrainSettings:
     n_test: int | None
     logit_alpha: float
     devices: int
-    jit: bool
+    jit: bool | str
     out: str | None
     overwrite: bool
     quiet: bool
@@ -123,6 +121,8 @@ class TrainSettings:
                                  f"--devices {self.devices}: each device takes an equal share")
         if self.noise == "rademacher" and "exact" in (self.trace, self.eval_trace):
             raise OptionConflict("--noise rademacher needs --trace hutchinson")
+        if self.jit not in JIT_CHOICES.values():
+            raise ValueError(f"jit must be True, False or 'auto', got {self.jit!r}")
 
     @property
     def name(self):
@@ -134,10 +134,12 @@ class TrainSettings:
         return self.out or os.path.join("runs", os.path.splitext(self.name)[0])
 
     def resolved(self, event_shape):
-        """These settings with what the data decides: the trace for "auto", default widths."""
+        """These settings with what the data decides: the trace and jit for "auto", default
+        widths."""
         trace = default_trace(event_shape) if self.trace == "auto" else self.trace
+        jit = jit_choice(event_shape) if self.jit == "auto" else self.jit
         return dataclasses.replace(self, trace=trace, eval_trace=self.eval_trace or trace,
-                                   hidden=self.hidden or DEFAULT_HIDDEN)
+                                   hidden=self.hidden or DEFAULT_HIDDEN, jit=jit)
 
     def to_options(self):
         """A flat, JSON-able dict: every option by name, each solver field as one of its own
@@ -157,6 +159,26 @@ class TrainSettings:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(solver=solver, eval_solver=eval_solver,
                    **{k: v for k, v in options.items() if k in names})
+
+
+def jit_choice(event_shape):
+    """Whether `--jit auto` compiles the training step with XLA, for data of `event_shape` on
+    this machine and backend.
+
+    TensorFlow: XLA for flat data (dense dynamics) and on a GPU; graph mode
+    for images on a CPU. Measured with benchmarks/jit_choice.py (RESULTS.md,
+    "XLA or graph mode for `rnode train --jit auto`"), one training step on
+    this project's 2-core CPU: TODO.
+    JAX: always (an uncompiled JAX step retraces the solver's loops at every
+    step). PyTorch: never (Keras's jit_compile there is torch.compile, which
+    the solver's loops are not written for). TensorFlow sees its devices
+    here: call it after any device set-up (`backend.distribute.split_cpu`).
+    """
+    import keras
+
+    if keras.config.backend() != "tensorflow":
+        return keras.config.backend() == "jax"
+    return len(event_shape) == 1 or bool(keras.distribution.list_devices("gpu"))
 
 
 def resumed_settings(options, given):
@@ -186,6 +208,8 @@ def resumed_settings(options, given):
 
 def resume_hint(out):
     """How to continue the run in `out`, for a message."""
+    from keras_rnode import callbacks
+
     step = callbacks.StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
     if step is None:
         return (f"no checkpoint was saved yet (--checkpoint-every); `rnode train --resume "
@@ -198,6 +222,8 @@ def resume_hint(out):
 
 def check_run_dir(settings):
     """Refuse to write over a model or an interrupted run unless the settings say so."""
+    from keras_rnode import callbacks
+
     out = settings.run_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a run directory")
@@ -233,6 +259,10 @@ def load_model(path):
                                     "directory (create one with `rnode train --out DIR`)")
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
+    import keras
+
+    import keras_rnode.models.multiscale  # noqa: F401 - registers the classes a model holds
+
     return keras.saving.load_model(path, compile=False)
 
 
@@ -254,6 +284,8 @@ def _save_model(model, out):
 
 def write_figure(model, x_test, out, batch_size, seed):
     """density.png for 2-D data, samples.png for images; drop the other if a run left it."""
+    import keras
+
     event_shape = tuple(model.event_shape)
     figure = None
     if event_shape == (2,):
@@ -273,10 +305,32 @@ def write_figure(model, x_test, out, batch_size, seed):
 
 def held_out_quality(model, x, name, batch_size):
     """`evaluate_model` on x, with a toy's entropy (the floor of its nll) beside it."""
+    from keras_rnode.evaluation import evaluate_model
+
     result = evaluate_model(model, x, batch_size)
     if name in TOY_NAMES:
         result["entropy"] = toy_entropy(name)
     return result
+
+
+def choose_evaluation(model, trace=None, probes=None, **solver):
+    """Evaluate `model` with this trace, these Hutchinson probes per sample and these fields
+    of its evaluation solver (method, rtol, atol, step_size); None keeps the model's own.
+
+    A new method is taken as `SolverSettings.for_evaluation` takes it: an
+    adaptive one drops the step size, a fixed-step one keeps the step unless
+    given one. Raises SettingError for a bad solver field, ValueError for a
+    bad trace or count, OptionConflict for probes the exact trace cannot use.
+    """
+    given = {k: v for k, v in solver.items() if v is not None}
+    if given:
+        for block in model.blocks:
+            block.eval_solver = block.eval_solver.for_evaluation(**given)
+    model.set_evaluation(trace=trace, probes=probes)
+    exact = all(b.evaluation_trace(model.event_shape) == "exact" for b in model.blocks)
+    if probes and probes > 1 and exact:
+        raise OptionConflict("--probes counts Hutchinson probes, and this run evaluates with "
+                             "the exact trace; add --trace hutchinson")
 
 
 def evaluation_data(config, dataset=None, n_test=None):
@@ -321,26 +375,31 @@ def train(settings, note=print):
     (the model is saved with its last good weights, the checkpoint kept)
     and RunInterrupted on Ctrl-C; both messages say how to resume.
     """
+    import keras
+
+    from keras_rnode.backend.distribute import supports_jit
+    from keras_rnode.backend.graph_options import avoid_addn_rewrite_race
+
     start = time.perf_counter()
     settings = dataclasses.replace(settings, out=settings.run_dir)
     check_run_dir(settings)
     # Devices must be set up before TensorFlow does any work.
     strategy = _strategy(settings.devices)
-    if strategy is not None and settings.jit and not supports_jit(strategy):
-        note("note: XLA cannot compile one step across logical CPU devices; training in "
-             "graph mode (--no-jit)")
-        settings = dataclasses.replace(settings, jit=False)
     toy = settings.dataset in TOY_NAMES
     x_train, levels = load_data(settings.dataset, "train", settings.n_train if toy else None,
                                 seed=settings.seed)
     x_test, _ = load_data(settings.dataset, "test", settings.n_test, seed=settings.seed)
-    if levels and not settings.jit:
+    run = settings.resolved(tuple(x_train.shape[1:]))
+    if strategy is not None and run.jit and not supports_jit(strategy):
+        if settings.jit is True:
+            note("note: XLA cannot compile one step across logical CPU devices; training in "
+                 "graph mode (--no-jit)")
+        run = dataclasses.replace(run, jit=False)
+    if levels and not run.jit:
         avoid_addn_rewrite_race()  # see there: a TensorFlow race in graph-mode image steps
     keras.utils.set_random_seed(settings.seed)
-    run = settings.resolved(tuple(x_train.shape[1:]))
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = _model(run, tuple(x_train.shape[1:]), levels)
-        model.compile(optimizer=_optimizer(model, run), jit_compile=run.jit)
+        model = compiled_model(run, tuple(x_train.shape[1:]), levels)
 
     # The options as given, not as resolved: a resume resolves them again.
     _start_checkpoint(settings)
@@ -381,10 +440,19 @@ def _strategy(devices):
     """None for one device, else a MirroredStrategy over `devices` devices."""
     if devices == 1:
         return None
+    from keras_rnode.backend.distribute import mirrored_strategy
+
     try:
         return mirrored_strategy(devices)
     except RuntimeError as err:
         raise RunFailed(str(err)) from err
+
+
+def compiled_model(settings, event_shape, levels):
+    """The RNODE the (resolved) settings describe, compiled as `train` compiles it."""
+    model = _model(settings, event_shape, levels)
+    model.compile(optimizer=_optimizer(model, settings), jit_compile=settings.jit)
+    return model
 
 
 def _model(settings, event_shape, levels):
@@ -401,6 +469,11 @@ def _model(settings, event_shape, levels):
 def _optimizer(model, settings):
     """Adam, warmed up if asked, wrapped so that steps with NaN/inf (or a failed solve) are
     not applied."""
+    import keras
+
+    from keras_rnode.models.schedules import LinearWarmup
+    from keras_rnode.optimizers import SkipBadSteps
+
     lr = settings.lr
     if settings.warmup_steps:
         lr = LinearWarmup(lr, settings.warmup_steps)
@@ -420,12 +493,16 @@ def _start_checkpoint(settings):
 
 def _fit(model, x_train, settings):
     """Train as the settings say, checkpointing into the run directory: (history, resumed, stop)."""
+    from keras_rnode import callbacks
+    from keras_rnode.datasets.pipeline import make_dataset
+    from keras_rnode.resumable import fit_resumable
+
     steps, batch = settings.steps, settings.batch_size
 
     # One seeded stream of batches for the whole run, so a resumed run can
     # skip exactly the batches already trained on.
     def stream(start):  # built afresh: a reused one would reshuffle differently
-        return make_dataset(x_train, batch, seed=settings.seed, repeat=True).skip(start)
+        return make_dataset(x_train, batch, seed=settings.seed, repeat=True, start=start)
 
     watches = [callbacks.BadSteps(settings.on_nan),
                callbacks.SolverFailures(settings.on_max_steps)]

@@ -1,16 +1,25 @@
 """The `rnode` command line and scripts/evaluate_bpd.py, end to end on tiny runs."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
+import click
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from keras_rnode.cli import main
+import keras_rnode as kr
+
+from keras_rnode import runs
+from keras_rnode.cli import main, train_settings
+from keras_rnode.trajectories import length_ratio, trajectories
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,14 +51,66 @@ def assert_clean_error(result, *words):
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """`rnode train` on 8gaussians with the default XLA step; the run dir and its output."""
+    """`rnode train` on 8gaussians with the default (--jit auto: XLA) step; the run dir and
+    its output."""
     run = tmp_path_factory.mktemp("runs") / "8g"
     result = invoke("train", *TOY, "--out", run)
     assert result.exit_code == 0, result.output
     return run, result.output
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A two-step Hutchinson-trained digits run with a tiny conv net; the run dir and output."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    result = invoke("train", "--dataset", "digits", "--hidden", "8", "--steps", "2",
+                    "--batch-size", "32", "--n-test", "32", "--method", "euler",
+                    "--step-size", "0.5", "--eval-method", "rk4", "--eval-step-size", "0.5",
+                    "--no-jit", "--quiet", "--out", run)
+    assert result.exit_code == 0, result.output
+    return run, result.output
+
+
 # --------------------------------------------------------------------- help --
+
+# Run in a fresh interpreter: keras_rnode imported, the help of the group and of
+# train printed; then which heavy modules were loaded.
+HELP_SCRIPT = """
+import sys
+import keras_rnode as kr
+from keras_rnode.cli import main
+assert set(kr.__all__) <= set(dir(kr)), set(kr.__all__) - set(dir(kr))
+for args in (["--help"], ["train", "--help"], ["evaluate", "--help"], ["sample", "--help"]):
+    main(args, standalone_mode=False)
+print("LOADED", sorted(m for m in ("keras", "tensorflow", "jax", "torch") if m in sys.modules))
+"""
+# Lines TensorFlow's C++ side and absl print (I0000 ..., E0000 ..., "WARNING: All log
+# messages before absl::InitializeLog() ...").
+NOISE = ("I0000", "W0000", "E0000", "absl::", "oneDNN", "cuda", "TF_ENABLE")
+
+
+def fresh_python(*args):
+    """Run python with `args` in a fresh process, TensorFlow's log level left to keras_rnode."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_help_loads_neither_keras_nor_tensorflow():
+    proc = fresh_python("-c", HELP_SCRIPT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED []", proc.stdout[-500:]
+    assert "rnode train" in proc.stdout and "--jit [auto|on|off]" in proc.stdout
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines()
+                if any(word in line for word in NOISE)], proc.stderr
+
+
+def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
+    proc = fresh_python("-m", "keras_rnode.cli", "evaluate", str(tmp_path / "missing"))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'missing'} does not exist"], proc.stderr
 
 
 def test_help_teaches_with_examples():
@@ -71,6 +132,7 @@ def test_train_writes_the_run_directory(toy_run):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["dataset"] == "8gaussians" and config["hidden"] == [16, 16]
+    # --jit auto resolved: XLA for flat data.
     assert config["trace"] == "exact" and config["jit"] is True and config["steps"] == 6
     assert config["eval_method"] == "dopri5" and config["kinetic"] == 0.01
     metrics = json.loads((run / "metrics.json").read_text())
@@ -84,6 +146,8 @@ def test_train_writes_the_run_directory(toy_run):
     history = json.loads((run / "history.json").read_text())
     assert len(history["loss"]) == 1
     assert "8gaussians test (128 points): nll" in output and "NFE" in output
+    # The progress bar shows the forward NFE, and no backward NFE where nothing solves back.
+    assert "nfe: " in output and "backward_nfe" not in output
 
 
 def test_train_refuses_to_overwrite_a_run(toy_run):
@@ -93,21 +157,16 @@ def test_train_refuses_to_overwrite_a_run(toy_run):
     assert (run / "model.keras").stat().st_mtime_ns == before
 
 
-def test_train_digits_with_a_tiny_conv_net(tmp_path):
-    run = tmp_path / "digits"
-    result = invoke("train", "--dataset", "digits", "--hidden", "8", "--steps", "2",
-                    "--batch-size", "32", "--n-test", "32", "--method", "euler",
-                    "--step-size", "0.5", "--eval-method", "rk4", "--eval-step-size", "0.5",
-                    "--no-jit", "--quiet", "--out", run)
-    assert result.exit_code == 0, result.output
+def test_train_digits_with_a_tiny_conv_net(digits_run, tmp_path):
+    run, output = digits_run
     assert (run / "samples.png").is_file() and not (run / "density.png").exists()
     config = json.loads((run / "config.json").read_text())
-    assert config["trace"] == "hutchinson" and config["levels"] == 17
+    assert config["trace"] == "hutchinson" and config["levels"] == 17 and config["jit"] is False
     metrics = json.loads((run / "metrics.json").read_text())
     assert "bpd" in metrics["train"] and "nll" not in metrics["train"]
     assert 0 < metrics["test"]["bpd"] < 20 and 0 < metrics["test"]["bpd_midpoint"] < 20
-    assert "bits/dim (uniform dequantization)" in result.output
-    assert "clean (midpoint)" in result.output
+    assert "bits/dim (uniform dequantization)" in output
+    assert "clean (midpoint)" in output
 
     # scripts/evaluate_bpd.py runs the same evaluation on the saved model.
     spec = importlib.util.spec_from_file_location("evaluate_bpd",
@@ -123,6 +182,24 @@ def test_train_digits_with_a_tiny_conv_net(tmp_path):
     assert 0 < report["bpd"] < 20
     wrong = CliRunner().invoke(script.main, [str(tmp_path), "--dataset", "digits"])
     assert_clean_error(wrong, "model.keras")
+
+
+def test_jit_spellings_and_the_auto_rule():
+    assert train_settings([]).jit == "auto"
+    spelled = (["--jit"], ["--jit", "on"], ["--jit", "--quiet"], ["--no-jit"], ["--jit", "off"],
+               ["--jit", "auto"])
+    assert [train_settings(args).jit for args in spelled] == [True, True, True, False, False,
+                                                              "auto"]
+    with pytest.raises(click.UsageError, match="--no-jit"):
+        train_settings(["--jit", "--no-jit"])
+    with pytest.raises(ValueError, match="jit"):
+        dataclasses.replace(train_settings([]), jit="on")
+    # XLA for flat data; for images only on a GPU (this machine's answer either way).
+    gpu = bool(keras.distribution.list_devices("gpu"))
+    assert runs.jit_choice((2,)) is True and runs.jit_choice((8, 8, 1)) is gpu
+    digits = train_settings(["--dataset", "digits"]).resolved((8, 8, 1))
+    assert digits.jit is gpu and digits.trace == "hutchinson"
+    assert train_settings(["--no-jit"]).resolved((2,)).jit is False
 
 
 # ----------------------------------------------------- evaluate, sample, export --
@@ -145,6 +222,49 @@ def test_evaluate_reproduces_the_held_out_nll(toy_run):
     assert last_json(only.output)["nll"] == pytest.approx(report["nll"], rel=1e-5)
 
 
+def test_evaluate_chooses_the_trace_probes_and_solver(digits_run):
+    run, _ = digits_run
+    trained = last_json(invoke("evaluate", run, "--json").output)
+    assert trained["trace"] == "hutchinson" and trained["solver"] == "rk4 step=0.5"
+    assert "bpd_se" not in trained
+    # A Hutchinson-trained run scored with the exact trace.
+    exact = invoke("evaluate", run, "--trace", "exact")
+    assert exact.exit_code == 0, exact.output
+    report = last_json(exact.output)
+    assert report["trace"] == "exact" and "bpd_se" not in report
+    assert 0 < report["bpd"] < 20 and report["bpd"] != trained["bpd"]
+    # K probes: the standard error beside bits/dim, in the line and the JSON.
+    probes = invoke("evaluate", run, "--probes", "4")
+    assert probes.exit_code == 0, probes.output
+    report = last_json(probes.output)
+    assert report["trace"] == "hutchinson x4" and 0 < report["bpd_se"] < 1
+    assert abs(report["bpd"] - trained["bpd"]) < 10 * report["bpd_se"] + 0.05
+    assert "bits/dim (uniform dequantization) +- " in probes.output
+    # Another evaluation solver: a fixed-step one, and the run's rk4 replaced by dopri5.
+    rk4 = last_json(invoke("evaluate", run, "--method", "rk4", "--step-size", "0.25",
+                           "--json").output)
+    assert rk4["solver"] == "rk4 step=0.25" and rk4["nfe"] == 2 * trained["nfe"]
+    dopri5 = last_json(invoke("evaluate", run, "--method", "dopri5", "--rtol", "1e-3",
+                              "--atol", "1e-4", "--json").output)
+    assert dopri5["solver"] == "dopri5 rtol=0.001 atol=0.0001"
+    assert dopri5["bpd"] == pytest.approx(trained["bpd"], abs=0.01)
+    assert_clean_error(invoke("evaluate", run, "--method", "euler"), "--step-size")
+    assert_clean_error(invoke("evaluate", run, "--method", "dopri5", "--step-size", "0.1"),
+                       "--step-size")
+
+
+def test_evaluate_probes_of_a_2d_run_need_the_hutchinson_trace(toy_run):
+    run, _ = toy_run
+    exact = last_json(invoke("evaluate", run, "--json").output)
+    forced = invoke("evaluate", run, "--trace", "hutchinson", "--probes", "4")
+    assert forced.exit_code == 0, forced.output
+    report = last_json(forced.output)
+    assert report["trace"] == "hutchinson x4" and report["nll_se"] > 0
+    assert "nats +- " in forced.output
+    assert report["nll"] == pytest.approx(exact["nll"], abs=10 * report["nll_se"] + 1e-3)
+    assert_clean_error(invoke("evaluate", run, "--probes", "4"), "--trace hutchinson")
+
+
 def test_sample_writes_npy_and_png(toy_run, tmp_path):
     run, _ = toy_run
     result = invoke("sample", run, "-n", 10, "--out", tmp_path / "s.npy", "--seed", 1)
@@ -154,6 +274,50 @@ def test_sample_writes_npy_and_png(toy_run, tmp_path):
     assert invoke("sample", run, "-n", 50, "--out", tmp_path / "s.png").exit_code == 0
     assert (tmp_path / "s.png").stat().st_size > 0
     assert_clean_error(invoke("sample", run, "--out", tmp_path / "s.txt"), ".npy or .png")
+
+
+def test_sample_trajectories_writes_the_paths(toy_run, tmp_path):
+    run, _ = toy_run
+    result = invoke("sample", run, "-n", 30, "--trajectories", "--steps", 4, "--out",
+                    tmp_path / "paths.npy")
+    assert result.exit_code == 0, result.output
+    paths = np.load(tmp_path / "paths.npy")
+    assert paths.shape == (5, 30, 2) and np.all(np.isfinite(paths))
+    x, _ = runs.evaluation_data(runs.load_config(run), n_test=30)
+    np.testing.assert_array_equal(paths[0], x)
+    assert "mean path length / mean displacement" in result.output
+    png = invoke("sample", run, "-n", 30, "--trajectories", "--out", tmp_path / "paths.png")
+    assert png.exit_code == 0, png.output
+    assert (tmp_path / "paths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trajectories_run_from_the_data_to_the_models_z():
+    x = kr.datasets.toy("8gaussians", 64, seed=0)
+    cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(16, 16)), trace="exact",
+                        eval_rtol=1e-7, eval_atol=1e-7, seed=0)
+    model = kr.RNODE([cnf])
+    model.log_prob(x[:2])  # builds it
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # dynamics that move the points (the last layer starts at 0)
+        w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))
+    paths = trajectories(model, x, steps=5)
+    assert paths.shape == (6, 64, 2)
+    np.testing.assert_array_equal(paths[0], x)
+    z = np.asarray(keras.ops.convert_to_numpy(cnf(x)[0]))
+    assert np.mean(np.linalg.norm(z - x, axis=1)) > 0.1  # the flow moves them
+    np.testing.assert_allclose(paths[-1], z, atol=1e-4)
+    assert length_ratio(paths) >= 1.0
+    with pytest.raises(ValueError, match="steps"):
+        trajectories(model, x, steps=0)
+
+
+def test_length_ratio_is_one_for_straight_paths():
+    start, end = np.zeros((3, 2)), np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    straight = np.stack([start + (end - start) * s for s in np.linspace(0, 1, 7)])
+    assert length_ratio(straight) == pytest.approx(1.0)
+    # One point out along a side of the unit square and back across the diagonal:
+    bent = np.array([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 1.0]]])
+    assert length_ratio(bent) == pytest.approx(2 / np.sqrt(2))
 
 
 def test_export_writes_a_saved_model_and_protects_it(toy_run, tmp_path):

@@ -6,8 +6,9 @@ and y int64 of shape (n,). Scaling to [0, 1) is the Dequantize layer's job,
 so that bits/dim can be computed against the right number of levels.
 """
 
-import keras
 import numpy as np
+
+# keras is imported when used, so that the command line's help loads without it.
 
 DIGITS_LEVELS = 17  # scikit-learn's digits count 0..16 pixels per 4x4 block
 MNIST_LEVELS = 256
@@ -59,10 +60,14 @@ def _load(loader, channels):
 
 def mnist():
     """MNIST via keras.datasets (downloaded once, then cached): (n, 28, 28, 1) uint8."""
+    import keras
+
     # Looked up at call time so that tests can stand in for the download.
     return _load(keras.datasets.mnist.load_data, channels=1)
 
 
 def cifar10():
     """CIFAR-10 via keras.datasets (downloaded once, then cached): (n, 32, 32, 3) uint8."""
+    import keras
+
     return _load(keras.datasets.cifar10.load_data, channels=3)

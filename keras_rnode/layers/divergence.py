@@ -8,11 +8,7 @@ Jacobian regularizer; its expectation is ||J||_F^2 / D. The product
 
 import math
 
-import keras
-from keras import ops
-
-from keras_rnode import backend
-from keras_rnode.backend import distribute
+# keras is imported when used, so that the command line's help loads without it.
 
 TRACES = ("hutchinson", "exact")
 PROBES = ("gaussian", "rademacher")
@@ -42,6 +38,8 @@ def event_mean(x):
     (its type promotion maps 64-bit floats to 32 bits), which costs a
     float64 model 8 digits in the regularizer states.
     """
+    from keras import ops
+
     return ops.sum(x, axis=_event_axes(x)) / math.prod(x.shape[1:])
 
 
@@ -53,6 +51,11 @@ def draw_probes(kind, shape, dtype, seed):
     `distribute.replica_noise`), or an int (the same probes for the same
     shape at every draw, in every process: for evaluation).
     """
+    import keras
+    from keras import ops
+
+    from keras_rnode.backend import distribute
+
     if isinstance(seed, keras.random.SeedGenerator):
         per_replica = distribute.replica_noise(kind, shape, dtype, seed)
         if per_replica is not None:
@@ -70,6 +73,10 @@ def hutchinson(fn, z, eps, *per_sample):
     fn(z, *per_sample): `per_sample` are tensors with a row per sample (a
     context), held fixed.
     """
+    from keras import ops
+
+    from keras_rnode import backend
+
     f, w = backend.jacobian_product(lambda z_: fn(z_, *per_sample), z, eps)
     return f, ops.sum(eps * w, axis=_event_axes(z)), event_mean(ops.square(w))
 
@@ -82,6 +89,10 @@ def exact(fn, z, *per_sample):
     repeated alike). Frobenius is exact too: ||J||_F^2 / D, the
     expectation of the Hutchinson figure.
     """
+    from keras import ops
+
+    from keras_rnode import backend
+
     event_shape = tuple(z.shape[1:])
     dim = math.prod(event_shape)
     batch = ops.shape(z)[0]

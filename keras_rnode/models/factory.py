@@ -1,9 +1,6 @@
 """An RNODE for data of a given shape: the model `rnode train` builds from its options."""
 
-from keras_rnode.layers.cnf import CNF
-from keras_rnode.layers.dynamics import ConcatSquashMLP
-from keras_rnode.models.multiscale import DYNAMICS, multiscale_rnode
-from keras_rnode.models.rnode import RNODE
+# keras is imported when used, so that the command line's help loads without it.
 
 ARCHITECTURES = ("single", "multiscale")
 DEFAULT_HIDDEN = (64, 64, 64)
@@ -23,6 +20,11 @@ def build_model(event_shape, levels, *, hidden, blocks, kinetic, jacobian, logit
     `layer_type` names the conv dynamics (`multiscale.DYNAMICS`); by
     default "concat" (the paper's) multiscale, "concatsquash" single-scale.
     """
+    from keras_rnode.layers.cnf import CNF
+    from keras_rnode.layers.dynamics import ConcatSquashMLP
+    from keras_rnode.models.multiscale import DYNAMICS, multiscale_rnode
+    from keras_rnode.models.rnode import RNODE
+
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     cnf_options = dict(trace=trace, noise=noise, eval_trace=eval_trace, solver=solver,

@@ -18,11 +18,12 @@ import keras
 
 from keras_rnode import checks
 from keras_rnode.layers.cnf import CNF
-from keras_rnode.layers.dynamics import ConcatConvNet, ConcatSquashConvNet
+from keras_rnode.layers import dynamics as nets
 from keras_rnode.layers.squeeze import squeeze, unsqueeze
+from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.models.rnode import RNODE, flow_back, flow_through
 
-DYNAMICS = {"concat": ConcatConvNet, "concatsquash": ConcatSquashConvNet}
+DYNAMICS = {name: getattr(nets, cls) for name, cls in CONV_DYNAMICS.items()}
 
 
 def default_scales(height, width):

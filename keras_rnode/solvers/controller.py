@@ -9,12 +9,14 @@ class with the same three methods.
 
 from dataclasses import dataclass
 
-from keras import ops
-
 from keras_rnode import checks
+
+# keras is imported when used, so that the command line's help loads without it.
 
 
 def _rms(values, scales):
+    from keras import ops
+
     total = 0.0
     count = 0
     for v, s in zip(values, scales):
@@ -29,6 +31,8 @@ def _controlled(values, controlled):
 
 def error_norm(error, y0, y1, rtol, atol, controlled):
     """RMS of err / (atol + rtol * max(|y0|, |y1|)) over the controlled states."""
+    from keras import ops
+
     scales = [atol + rtol * ops.maximum(ops.abs(a), ops.abs(b))
               for a, b in zip(_controlled(y0, controlled), _controlled(y1, controlled))]
     return _rms(_controlled(error, controlled), scales)
@@ -62,6 +66,8 @@ class StepController:
 
     def initial_state(self):
         """The state carried through the loop: whether the last attempt was rejected."""
+        from keras import ops
+
         return {"after_reject": ops.zeros((), "bool")}
 
     def adapt(self, norm, state, order):
@@ -70,6 +76,8 @@ class StepController:
         A NaN or inf norm rejects and shrinks by min_factor; a zero norm
         grows by max_factor.
         """
+        from keras import ops
+
         accept = ops.isfinite(norm) & (norm <= 1.0)
         finite = ops.isfinite(norm)
         safe = ops.where(finite & (norm > 0), norm, ops.ones_like(norm))
@@ -86,6 +94,8 @@ class StepController:
 
         Costs one evaluation of func besides f0. Returns a positive magnitude.
         """
+        from keras import ops
+
         y0_c = _controlled(y0, controlled)
         scales = [atol + rtol * ops.abs(y) for y in y0_c]
         d0 = _rms(y0_c, scales)
