@@ -32,7 +32,12 @@ from keras_rnode.datasets.registry import IMAGE_DATASETS, TOY_TEST_SIZE, check_d
 from keras_rnode.datasets.toy import TOY_NAMES
 from keras_rnode.layers.divergence import EXACT_TRACE_MAX_DIM, PROBES, TRACES
 from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
-from keras_rnode.models.factory import ARCHITECTURES, DEFAULT_HIDDEN
+from keras_rnode.models.factory import (
+    ARCHITECTURES,
+    DEFAULT_DENSE_IMAGE_HIDDEN,
+    DEFAULT_HIDDEN,
+    DENSE_MAX_DIM,
+)
 from keras_rnode.plots import plot_trajectories, save_samples
 from keras_rnode.solvers.settings import (
     FIXED_STEP_METHODS,
@@ -258,14 +263,19 @@ def main():
                    "(n, *event_shape), its last tenth held out.")
 @click.option("--hidden", default=None, callback=_hidden_option,
               help="Widths of the dynamics net: dense units for flat data, conv channels "
-                   f"for images, comma-separated.  [default: {','.join(map(str, DEFAULT_HIDDEN))}]")
+                   "for images, comma-separated.  [default: "
+                   f"{','.join(map(str, DEFAULT_HIDDEN))}; "
+                   f"{','.join(map(str, DEFAULT_DENSE_IMAGE_HIDDEN))} dense on images]")
 @click.option("--blocks", default=1, show_default=True, type=click.IntRange(min=1),
               help="Number of CNF blocks, each with its own dynamics net; multiscale: "
                    "blocks before and after each squeeze, and at the last scale.")
-@click.option("--architecture", default="single", show_default=True,
+@click.option("--architecture", default="auto", show_default=True,
               type=click.Choice(ARCHITECTURES),
-              help="Images: one chain of CNF blocks, or FFJORD's multiscale model (squeeze, "
-                   "factor out half the channels, repeat; the paper's for MNIST, CIFAR-10).")
+              help="Images: one chain of CNF blocks with conv dynamics (single) or with dense "
+                   "dynamics on the flattened image (dense), or FFJORD's multiscale model "
+                   "(squeeze, factor out half the channels, repeat; the paper's for MNIST, "
+                   f"CIFAR-10); auto: dense up to {DENSE_MAX_DIM} values an image (the "
+                   "digits), multiscale beyond.")
 @click.option("--layer-type", default=None, type=click.Choice(sorted(CONV_DYNAMICS)),
               help="Images: conv dynamics, t as an extra channel (concat) or gated by t "
                    "(concatsquash).  [default: concat multiscale, concatsquash single]")
@@ -283,8 +293,8 @@ def main():
 @click.option("--noise", default="gaussian", show_default=True, type=click.Choice(PROBES),
               help="Hutchinson probe noise.")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help=f"Passes over the training data.  [default: {runs.DEFAULT_EPOCHS}, unless "
-                   "--steps]")
+              help=f"Passes over the training data.  [default: {runs.DEFAULT_EPOCHS}, or as "
+                   f"many as {runs.DEFAULT_MIN_STEPS} steps take; unless --steps]")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="Train for exactly this many optimizer steps instead of epochs.")
 @click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1))

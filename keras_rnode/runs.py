@@ -17,6 +17,7 @@ them as the command line does (--epochs); the CLI only parses them.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -26,7 +27,7 @@ from keras_rnode import __version__, checks
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
 from keras_rnode.datasets.toy import TOY_NAMES, toy_entropy
 from keras_rnode.layers.divergence import default_trace
-from keras_rnode.models.factory import DEFAULT_HIDDEN, build_model
+from keras_rnode.models.factory import architecture_for, build_model, default_hidden
 from keras_rnode.plots import plot_density, save_samples
 from keras_rnode.solvers.settings import SolverSettings, flatten_pair, pop_pair
 
@@ -42,7 +43,10 @@ SAMPLES_FILE = "samples.png"
 CHECKPOINT_DIR = "checkpoint"
 OPTIONS_FILE = "options.json"
 DEFAULT_EPOCHS = 10
-# --jit's choices, as TrainSettings.jit takes them: XLA, graph mode, or `jit_choice`'s.
+# ...but never fewer steps than this: 10 epochs of the 1437 digits at batch 512 are 20.
+DEFAULT_MIN_STEPS = 1000
+# --jit's choices, as TrainSettings.jit takes them: XLA, graph mode, or the backend's
+# choice for the data (`backend.jit_by_default`).
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
 # Options a resumed run may change: what to do on trouble, and how it shows.
 RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
@@ -71,8 +75,9 @@ class TrainSettings:
     `solver` and `eval_solver` are the training and evaluation solvers;
     on disk their fields are flat options of their own (method, eval_rtol,
     ...: see `to_options`). `jit` is True (XLA), False (graph mode) or
-    "auto". `hidden=None`, `trace="auto"` and `jit="auto"` are decided by
-    the data (`resolved`); `eval_trace=None` is as `trace`; `out=None` is
+    "auto". `hidden=None` and the "auto" of `architecture`, `trace` and
+    `jit` are decided by the data (`resolved`); `epochs=steps=None` is
+    `default_epochs`; `eval_trace=None` is as `trace`; `out=None` is
     runs/DATASET (`run_dir`). Raises OptionConflict for options that cannot
     go together.
     """
@@ -134,12 +139,20 @@ class TrainSettings:
         return self.out or os.path.join("runs", os.path.splitext(self.name)[0])
 
     def resolved(self, event_shape):
-        """These settings with what the data decides: the trace and jit for "auto", default
-        widths."""
+        """These settings with what the data decides: the architecture, trace and jit for
+        "auto", default widths."""
+        architecture = (architecture_for(event_shape) if self.architecture == "auto"
+                        else self.architecture)
+        if architecture == "dense" and self.layer_type:
+            raise OptionConflict("--layer-type names conv dynamics; --architecture dense has "
+                                 "dense ones")
         trace = default_trace(event_shape) if self.trace == "auto" else self.trace
-        jit = jit_choice(event_shape) if self.jit == "auto" else self.jit
-        return dataclasses.replace(self, trace=trace, eval_trace=self.eval_trace or trace,
-                                   hidden=self.hidden or DEFAULT_HIDDEN, jit=jit)
+        conv = len(event_shape) == 3 and architecture != "dense"
+        jit = _jit_by_default(conv) if self.jit == "auto" else self.jit
+        return dataclasses.replace(self, architecture=architecture, trace=trace,
+                                   eval_trace=self.eval_trace or trace, jit=jit,
+                                   hidden=self.hidden or default_hidden(architecture,
+                                                                        event_shape))
 
     def to_options(self):
         """A flat, JSON-able dict: every option by name, each solver field as one of its own
@@ -161,24 +174,10 @@ class TrainSettings:
                    **{k: v for k, v in options.items() if k in names})
 
 
-def jit_choice(event_shape):
-    """Whether `--jit auto` compiles the training step with XLA, for data of `event_shape` on
-    this machine and backend.
+def _jit_by_default(conv):
+    from keras_rnode import backend  # loads keras: not at the command line's start
 
-    TensorFlow: XLA for flat data (dense dynamics) and on a GPU; graph mode
-    for images on a CPU. Measured with benchmarks/jit_choice.py (RESULTS.md,
-    "XLA or graph mode for `rnode train --jit auto`"), one training step on
-    this project's 2-core CPU: TODO.
-    JAX: always (an uncompiled JAX step retraces the solver's loops at every
-    step). PyTorch: never (Keras's jit_compile there is torch.compile, which
-    the solver's loops are not written for). TensorFlow sees its devices
-    here: call it after any device set-up (`backend.distribute.split_cpu`).
-    """
-    import keras
-
-    if keras.config.backend() != "tensorflow":
-        return keras.config.backend() == "jax"
-    return len(event_shape) == 1 or bool(keras.distribution.list_devices("gpu"))
+    return backend.jit_by_default(conv)
 
 
 def resumed_settings(options, given):
@@ -481,6 +480,12 @@ def _optimizer(model, settings):
     return SkipBadSteps(keras.optimizers.Adam(lr), guard=guard)
 
 
+def default_epochs(steps_per_epoch):
+    """The epochs of a run given neither --epochs nor --steps: DEFAULT_EPOCHS, or more where
+    those would be fewer than DEFAULT_MIN_STEPS steps."""
+    return max(DEFAULT_EPOCHS, math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch))
+
+
 def _start_checkpoint(settings):
     """A fresh checkpoint folder holding the run's options, unless the run is resumed."""
     if settings.resume:
@@ -512,7 +517,7 @@ def _fit(model, x_train, settings):
     try:
         history, resumed = fit_resumable(
             model, stream, steps or len(x_train) // batch,
-            1 if steps else (settings.epochs or DEFAULT_EPOCHS),
+            1 if steps else (settings.epochs or default_epochs(len(x_train) // batch)),
             os.path.join(settings.out, CHECKPOINT_DIR), settings.checkpoint_every or 2**62,
             callbacks=watches, verbose=0 if settings.quiet else 1)
     except KeyboardInterrupt:

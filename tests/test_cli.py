@@ -63,8 +63,8 @@ def toy_run(tmp_path_factory):
 def digits_run(tmp_path_factory):
     """A two-step Hutchinson-trained digits run with a tiny conv net; the run dir and output."""
     run = tmp_path_factory.mktemp("runs") / "digits"
-    result = invoke("train", "--dataset", "digits", "--hidden", "8", "--steps", "2",
-                    "--batch-size", "32", "--n-test", "32", "--method", "euler",
+    result = invoke("train", "--dataset", "digits", "--architecture", "single", "--hidden", "8",
+                    "--steps", "2", "--batch-size", "32", "--n-test", "32", "--method", "euler",
                     "--step-size", "0.5", "--eval-method", "rk4", "--eval-step-size", "0.5",
                     "--no-jit", "--quiet", "--out", run)
     assert result.exit_code == 0, result.output
@@ -194,12 +194,25 @@ def test_jit_spellings_and_the_auto_rule():
         train_settings(["--jit", "--no-jit"])
     with pytest.raises(ValueError, match="jit"):
         dataclasses.replace(train_settings([]), jit="on")
-    # XLA for flat data; for images only on a GPU (this machine's answer either way).
+    # XLA for dense dynamics; for conv dynamics only on a GPU (this machine's answer either way).
     gpu = bool(keras.distribution.list_devices("gpu"))
-    assert runs.jit_choice((2,)) is True and runs.jit_choice((8, 8, 1)) is gpu
-    digits = train_settings(["--dataset", "digits"]).resolved((8, 8, 1))
-    assert digits.jit is gpu and digits.trace == "hutchinson"
+    assert train_settings([]).resolved((2,)).jit is True
+    conv = train_settings(["--architecture", "single"]).resolved((8, 8, 1))
+    assert conv.jit is gpu and conv.trace == "hutchinson"
     assert train_settings(["--no-jit"]).resolved((2,)).jit is False
+
+
+def test_the_architecture_auto_rule():
+    """Dense dynamics for flat data and small images (with wider defaults), multiscale beyond."""
+    auto = train_settings([])
+    assert auto.architecture == "auto"
+    flat, digits, mnist = (auto.resolved(shape) for shape in ((2,), (8, 8, 1), (28, 28, 1)))
+    assert (flat.architecture, flat.hidden) == ("single", (64, 64, 64))
+    assert (digits.architecture, digits.hidden, digits.jit) == ("dense", (256, 256), True)
+    assert (mnist.architecture, mnist.hidden) == ("multiscale", (64, 64, 64))
+    assert train_settings(["--hidden", "32"]).resolved((8, 8, 1)).hidden == (32,)
+    with pytest.raises(runs.OptionConflict, match="--layer-type"):
+        train_settings(["--architecture", "dense", "--layer-type", "concat"]).resolved((8, 8, 1))
 
 
 # ----------------------------------------------------- evaluate, sample, export --

@@ -45,9 +45,29 @@ vjp = implementation.vjp
 # solve's statistics (CNF.stats["backward_nfe"] stays 0 there).
 REPORTS_BACKWARD = NAME != "jax"
 
+
+
+def jit_by_default(conv):
+    """Whether a training step compiles with XLA unless told (`rnode train --jit auto`).
+
+    TensorFlow: yes for dense dynamics and on a GPU; no for conv dynamics
+    on a CPU, where XLA's step was measured several times slower than graph
+    mode (benchmarks/RESULTS.md, "XLA or graph mode for `rnode train --jit
+    auto`"). JAX: always (an uncompiled step retraces the solver's loops at
+    every step). PyTorch: never (its jit_compile is torch.compile, which the
+    solver's loops are not written for). Call it after any device set-up.
+    """
+    if NAME == "jax":
+        return True
+    if NAME == "torch":
+        return False
+    return not conv or bool(keras.distribution.list_devices("gpu"))
+
+
 __all__ = [
     "NAME",
     "REPORTS_BACKWARD",
+    "jit_by_default",
     "differentiable_solve",
     "inference_function",
     "jacobian_product",
