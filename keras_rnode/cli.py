@@ -72,7 +72,8 @@ def friendly_errors(fn):
             raise
         except runs.OptionConflict as err:
             raise click.UsageError(_one_line(err)) from None
-        except (ValueError, OSError, runs.RunFailed) as err:
+        # ImportError: a TensorFlow-only feature asked for where TensorFlow is absent.
+        except (ValueError, OSError, ImportError, runs.RunFailed) as err:
             raise click.ClickException(_one_line(err)) from None
 
     return wrapper

@@ -37,14 +37,15 @@ import tempfile
 import keras
 
 from keras_rnode import backend
+from keras_rnode.backend.common import import_tensorflow
 
 
 def export_saved_model(model, filepath, overwrite=False, verbose=False):
     """Write `model` as a SavedModel at `filepath` (a directory); returns the path."""
     # Asked first: the backend refuses (PyTorch) before TensorFlow is needed.
     endpoints = backend.saved_model_endpoints()
-    # Imported here: a SavedModel is TensorFlow's, whatever runs the model.
-    import tensorflow as tf
+    # Imported here: a SavedModel is TensorFlow's, whatever runs the model (JAX: jax2tf).
+    tf = import_tensorflow("exporting a SavedModel")
 
     if not model.built:
         raise ValueError("the model must be built (called on data) before exporting")
