@@ -314,8 +314,13 @@ def main():
 @click.option("--logit-alpha", default=1e-6, show_default=True, type=float,
               help="Images: alpha of the logit transform in front of the flow.")
 @click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Data-parallel training on this many devices (tf.distribute."
-                   "MirroredStrategy): GPUs, or the CPU split into logical devices.")
+              help="Data-parallel training on this many devices (TensorFlow: tf.distribute."
+                   "MirroredStrategy; JAX: keras.distribution.DataParallel): GPUs, or the "
+                   "CPU split into logical devices.")
+@click.option("--workers", is_flag=True,
+              help="Train as one worker of the cluster the TF_CONFIG environment variable "
+                   "describes (tf.distribute.MultiWorkerMirroredStrategy): every worker runs "
+                   "the same command, --batch-size is the global batch, worker 0 writes --out.")
 @click.option("--jit", "jit", default="auto", show_default=True, is_flag=False, flag_value="on",
               type=click.Choice(tuple(runs.JIT_CHOICES)),
               help="Compile the training step with XLA (on: the first step slow, then fast) "

@@ -13,6 +13,7 @@ those of an uninterrupted run on the same machine and backend.
 
 import contextlib
 
+from keras_rnode.backend.distribute import fit_input
 from keras_rnode.callbacks import StepBackup
 
 
@@ -51,8 +52,8 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
     Training stopped by a callback (`model.stop_training`) ends the run
     early; the checkpoint then stays as it was last saved.
     """
+    strategy = getattr(model, "distribute_strategy", None)  # variables belong in its scope
     if not model.built:  # a checkpoint can only be loaded into a built model
-        strategy = getattr(model, "distribute_strategy", None)  # variables belong in its scope
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model.build(_batch_shape(make_data(0)))
     resumed = StepBackup.resume_step(backup_dir)
@@ -61,11 +62,12 @@ def fit_resumable(model, make_data, steps_per_epoch, epochs, backup_dir, checkpo
     plan = phases(resumed or 0, steps_per_epoch, epochs)
     if not plan:  # a finished run: only its weights to bring back
         backup.set_model(model)
-        backup.on_train_begin()
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            backup.on_train_begin()  # may build the optimizer: its variables too
     for first, initial_epoch, last_epoch, steps in plan:
-        result = model.fit(make_data(first), initial_epoch=initial_epoch, epochs=last_epoch,
-                           steps_per_epoch=steps, verbose=verbose, shuffle=False,
-                           callbacks=[backup, *callbacks])
+        result = model.fit(fit_input(model, make_data, first), initial_epoch=initial_epoch,
+                           epochs=last_epoch, steps_per_epoch=steps, verbose=verbose,
+                           shuffle=False, callbacks=[backup, *callbacks])
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
         if model.stop_training:

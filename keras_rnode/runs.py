@@ -115,12 +115,16 @@ class TrainSettings:
     on_max_steps: str
     nfe_limit: int | None
     on_nfe_limit: str
+    workers: bool = False
 
     def __post_init__(self):
         if self.hidden is not None:  # frozen: stored once, as the checked tuple
             object.__setattr__(self, "hidden", checks.positive_ints(self.hidden, "--hidden"))
         if self.epochs and self.steps:
             raise OptionConflict("give --epochs or --steps, not both")
+        if self.workers and self.devices != 1:
+            raise OptionConflict("give --workers or --devices, not both: each worker trains "
+                                 "on all its GPUs, or its CPU")
         if self.batch_size % self.devices:
             raise OptionConflict(f"--batch-size {self.batch_size} must be divisible by "
                                  f"--devices {self.devices}: each device takes an equal share")
@@ -373,7 +377,40 @@ def train(settings, note=print):
     logical CPU devices). Raises RunFailed when a watch stopped training
     (the model is saved with its last good weights, the checkpoint kept)
     and RunInterrupted on Ctrl-C; both messages say how to resume.
+
+    With `workers` (TF_CONFIG names the cluster) every worker trains; the
+    chief writes the run directory, the others do the same work, into a
+    scratch directory of their own that is removed at the end (on a resume
+    they start from a copy of the chief's checkpoint, which --out must
+    reach). A worker that dies fails the others' run with RunFailed.
     """
+    from keras_rnode.backend.distribute import is_chief, lost_worker
+
+    if not settings.workers:
+        return _train(settings, note)
+    scratch = None
+    if not is_chief():
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="rnode-worker-")
+        if settings.resume:
+            shutil.copytree(os.path.join(settings.run_dir, CHECKPOINT_DIR),
+                            os.path.join(scratch, CHECKPOINT_DIR))
+    try:
+        report = _train(settings if scratch is None else dataclasses.replace(
+            settings, out=scratch, overwrite=True), note)
+    except Exception as err:
+        message = lost_worker(err)
+        if message is None:
+            raise
+        raise RunFailed(message) from None
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return dataclasses.replace(report, out=settings.run_dir)
+
+
+def _train(settings, note):
     import keras
 
     from keras_rnode.backend.distribute import supports_jit
@@ -383,7 +420,7 @@ def train(settings, note=print):
     settings = dataclasses.replace(settings, out=settings.run_dir)
     check_run_dir(settings)
     # Devices must be set up before TensorFlow does any work.
-    strategy = _strategy(settings.devices)
+    strategy = _strategy(settings)
     toy = settings.dataset in TOY_NAMES
     x_train, levels = load_data(settings.dataset, "train", settings.n_train if toy else None,
                                 seed=settings.seed)
@@ -435,16 +472,20 @@ def train(settings, note=print):
     return RunReport(out, run.name, result, train_seconds)
 
 
-def _strategy(devices):
-    """None for one device, else a MirroredStrategy over `devices` devices."""
-    if devices == 1:
-        return None
-    from keras_rnode.backend.distribute import mirrored_strategy
+def _strategy(settings):
+    """The tf.distribute strategy to build the model under, or None (one device; JAX's
+    DataParallel, which is set globally): `backend.distribute.data_parallel`."""
+    from keras_rnode.backend.distribute import data_parallel
 
     try:
-        return mirrored_strategy(devices)
+        strategy = data_parallel(settings.devices, settings.workers)
     except RuntimeError as err:
         raise RunFailed(str(err)) from err
+    replicas = strategy.num_replicas_in_sync if strategy is not None else settings.devices
+    if settings.batch_size % replicas:
+        raise OptionConflict(f"--batch-size {settings.batch_size} must be divisible by the "
+                             f"{replicas} replicas: each takes an equal share")
+    return strategy
 
 
 def compiled_model(settings, event_shape, levels):

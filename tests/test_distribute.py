@@ -54,8 +54,8 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def run_python(code, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+def run_python(code, timeout=300, env=None):
+    env = dict(env or os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,3 +149,73 @@ def test_rnode_train_on_two_devices(tmp_path):
     assert config["devices"] == 2 and config["warmup_steps"] == 10
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["nll"])
+
+
+# ------------------------------------------------------------------- JAX --
+
+JAX_SCRIPT = textwrap.dedent('''
+    import json
+    import jax, keras, numpy as np
+    import keras_rnode as kr
+    from keras_rnode.backend.distribute import data_parallel
+
+    def make(trace):
+        keras.utils.set_random_seed(0)
+        cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(16, 16), zero_init_last=False),
+                            trace=trace, method="rk4", step_size=0.25, gradient="direct",
+                            seed=3)
+        model = kr.RNODE([cnf], kinetic=0.1, jacobian=0.1)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=True)
+        model.build((None, 2))
+        return model
+
+    x = kr.datasets.toy("pinwheel", 64, seed=0)
+    out = {"devices": len(jax.devices())}
+    for name in ("one", "two"):
+        if name == "two":
+            data_parallel(2)  # keras.distribution.DataParallel over both host devices
+        for trace in ("hutchinson",):
+            model = make(trace)
+            before = [np.array(w) for w in model.trainable_weights]
+            h = model.fit(kr.datasets.make_dataset(x, 64, shuffle=False), epochs=1,
+                          verbose=0).history
+            after = [np.array(w) for w in model.trainable_weights]
+            out[name + "_" + trace] = {
+                "loss": h["loss"][0], "nll": h["nll"][0], "kinetic": h["kinetic"][0],
+                "step": [(a - b).ravel().tolist() for a, b in zip(after, before)],
+                "shards": len(model.trainable_weights[0].value.sharding.device_set)}
+    print("RESULT " + json.dumps(out))
+''')
+
+jax_only = pytest.mark.skipif(os.environ.get("KERAS_BACKEND") != "jax",
+                              reason="JAX's DataParallel: run with KERAS_BACKEND=jax")
+
+
+@pytest.mark.backends
+@jax_only
+def test_jax_two_device_step_equals_one_device_step():
+    """keras.distribution.DataParallel on two host devices. The step is one program over
+    the global batch, so one draw of the Hutchinson probes gives each sample, and so
+    each device's rows, probes of its own: the same as on one device. So the steps
+    agree for the Hutchinson trace too (were the devices' probes the same, they could
+    not)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = json.loads(run_python(JAX_SCRIPT, env=env).split("RESULT ", 1)[1])
+    assert result["devices"] == 2
+    for trace in ("hutchinson",):
+        one, two = result["one_" + trace], result["two_" + trace]
+        assert one["shards"] == 1 and two["shards"] == 2  # replicated on both devices
+        for key in ("loss", "nll", "kinetic"):
+            np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=(trace, key))
+        moved = max(np.max(np.abs(s)) for s in one["step"])
+        assert moved > 1e-4
+        for a, b in zip(two["step"], one["step"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * moved, err_msg=trace)
+
+
+@pytest.mark.slow  # 44 s on this 2-core machine under load
+@pytest.mark.backends
+@jax_only
+def test_rnode_train_on_two_jax_devices(tmp_path):
+    """--devices 2 under JAX: the CPU is split for JAX (no XLA_FLAGS given)."""
+    test_rnode_train_on_two_devices(tmp_path)

@@ -172,3 +172,24 @@ def test_tensorflow_tape_queries_still_answer():
         assert record.should_record_backprop([2.0 * x]), problem % "should_record_backprop"
         assert not record.should_record_backprop([tf.constant(2.0)]), (
             problem % "should_record_backprop")
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's trainer")
+def test_a_model_made_under_a_strategy_still_knows_it():
+    # keras_rnode/backend/distribute.py (fit_input) tells by the model's private
+    # `_distribute_strategy` whether Keras's TensorFlow trainer builds it symbolically
+    # from a first pass over fit's input (`_maybe_symbolic_build`); otherwise a run
+    # resumed on several devices trains on other batches than an uninterrupted one.
+    import tensorflow as tf
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = compiled_model(None)
+    problem = (f"keras {keras.__version__}: the TensorFlow trainer's %s changed; "
+               "keras_rnode/backend/distribute.py (fit_input) relies on it, or a resumed "
+               "multi-device run silently trains on other batches")
+    assert getattr(model, "_distribute_strategy", None) is strategy, (
+        problem % "_distribute_strategy")
+    assert getattr(compiled_model(None), "_distribute_strategy", 0) is None, (
+        problem % "_distribute_strategy")
+    assert hasattr(model, "_maybe_symbolic_build"), problem % "_maybe_symbolic_build"

@@ -181,6 +181,41 @@ def test_killed_training_process_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # TensorFlow 73 s, JAX 56 s on this 2-core machine under load
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_killed_two_device_run_resumes_to_the_same_weights(tmp_path, backend):
+    """--devices 2 (TensorFlow's MirroredStrategy on two logical CPUs, JAX's DataParallel
+    on two host devices), killed mid-epoch: the resumed run ends with the weights of an
+    uninterrupted one. Each run is a fresh process: the CPU is split as it starts. (JAX
+    compiles its steps: uncompiled, it retraces the solver's loops at every step.)"""
+    env = dict(os.environ, KERAS_BACKEND=backend, CUDA_VISIBLE_DEVICES="")
+    tiny = [a for a in TINY if a != "--no-jit"] + ["--jit", "on"] if backend == "jax" else TINY
+    args = [*tiny, "--devices", "2", "--steps", "40", "--checkpoint-every", "4"]
+
+    def rnode_run(*more):
+        proc = subprocess.run([sys.executable, "-m", "keras_rnode.cli", *map(str, more)],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    rnode_run("train", *args, "--out", whole)
+    proc = subprocess.Popen([sys.executable, "-m", "keras_rnode.cli", "train", *args, "--out",
+                             str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    try:
+        backup = str(killed / "checkpoint")
+        wait_for(lambda: (callbacks.StepBackup.resume_step(backup) or 0) >= 8, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rnode_run("train", "--resume", "--out", killed)
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert 8 <= metrics["resumed_from_step"] < 40
+    assert json.loads((killed / "config.json").read_text())["devices"] == 2
+    for a, b in zip(model_weights(whole), model_weights(killed)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_killed_export_never_leaves_a_half_written_model(tmp_path):
     run = tmp_path / "run"
