@@ -1,7 +1,8 @@
 """XLA or graph mode: the measurement behind `rnode train --jit auto` (issue 15).
 
 One training step of the model `rnode train --dataset 8gaussians` builds,
-and of the one `rnode train --dataset digits` builds, every other option
+of the one `rnode train --dataset digits` builds (dense dynamics), and of
+the conv one `--architecture single` gives the digits, every other option
 at its default, each compiled under XLA (jit_compile=True) and in graph
 mode. The settings are the command's own (`keras_rnode.cli.train_settings`),
 the model and its optimizer `runs.compiled_model`'s; a step is the model's
@@ -27,12 +28,17 @@ import click  # noqa: E402
 import _timing  # noqa: E402
 
 HEADING = "## XLA or graph mode for `rnode train --jit auto` (issue 15)"
-DATASETS = ("8gaussians", "digits")
+# What is timed: a label, and the `rnode train` options of its model.
+MODELS = {
+    "8gaussians": ("--dataset", "8gaussians"),
+    "digits, dense (default)": ("--dataset", "digits"),
+    "digits, conv": ("--dataset", "digits", "--architecture", "single"),
+}
 MODES = {"xla": True, "graph": False}
 
 
-def step_variants(dataset, batch_size, seed):
-    """{(dataset, mode): one training step} and what the model is, for `dataset`."""
+def step_variants(label, options, batch_size, seed):
+    """{(label, mode): one training step} and what the model is, for `rnode train OPTIONS`."""
     import tensorflow as tf
 
     from keras_rnode import runs
@@ -41,10 +47,11 @@ def step_variants(dataset, batch_size, seed):
     from keras_rnode.datasets.registry import load_data
     from keras_rnode.datasets.toy import TOY_NAMES
 
-    args = ["--dataset", dataset, "--seed", str(seed)]
+    args = [*options, "--seed", str(seed)]
     if batch_size:
         args += ["--batch-size", str(batch_size)]
     settings = train_settings(args)
+    dataset = settings.dataset
     x, levels = load_data(dataset, "train", settings.n_train if dataset in TOY_NAMES else None,
                           seed=seed)
     event_shape = tuple(x.shape[1:])
@@ -56,10 +63,11 @@ def step_variants(dataset, batch_size, seed):
     variants = {}
     for mode, jit in MODES.items():
         step = tf.function(model.train_step, jit_compile=jit, reduce_retracing=True)
-        variants[dataset, mode] = lambda step=step: (step(next(batches))["loss"],)
-    about = {"event_shape": event_shape, "batch": run.batch_size, "auto": run.jit,
+        variants[label, mode] = lambda step=step: (step(next(batches))["loss"],)
+    about = {"options": " ".join(options), "event_shape": event_shape, "batch": run.batch_size, "auto": run.jit,
              "hidden": run.hidden, "trace": run.trace, "solver": run.solver.describe(),
-             "gradient": run.solver.gradient, "params": model.count_params()}
+             "gradient": run.solver.gradient, "params": model.count_params(),
+             "architecture": run.architecture}
     return variants, about
 
 
@@ -68,14 +76,16 @@ def report(timings, compile_s, failures, abouts, args):
     lines = _timing.section_head(HEADING, _timing.command_line(), "keras")
     batches = ", ".join(f"{dataset} {about['batch']}" for dataset, about in abouts.items())
     lines.append(
-        f"- Setup: `rnode train --dataset NAME`'s model and optimizer with every other option "
+        f"- Setup: the model and optimizer of `rnode train OPTIONS` with every other option "
         f"at its default (batch {batches}); "
         "one training step = the model's train_step under tf.function, jit_compile on (XLA) "
         "or off (graph mode), as Keras's fit runs it, both modes stepping the same model. "
         f"Medians over {args['repeats']} interleaved rounds, after two warm-up calls each; "
         f"TensorFlow threads: {args['threads']}.")
     for dataset, about in abouts.items():
-        lines.append(f"- {dataset}: events {about['event_shape']}, hidden {about['hidden']}, "
+        lines.append(f"- {dataset}: `rnode train {about['options']}`, architecture "
+                     f"{about['architecture']}, events {about['event_shape']}, hidden "
+                     f"{about['hidden']}, "
                      f"{about['trace']} trace, {about['solver']}, {about['gradient']} gradient, "
                      f"{about['params']} weights; `--jit auto` picks "
                      f"{'XLA' if about['auto'] else 'graph mode'} here.")
@@ -104,14 +114,14 @@ def report(timings, compile_s, failures, abouts, args):
 @_timing.common_options(HEADING, quick="Smoke run: batch 16, one round.",
                         no_write="Print the section only.")
 def main(repeats, batch_size, quick, results, no_write, threads, seed):
-    """Time one training step of rnode train's default 2-D and digits models, XLA against
-    graph mode."""
+    """Time one training step of rnode train's default 2-D and digits models and of a conv
+    digits model, XLA against graph mode."""
     if quick:
         repeats, batch_size = 1, 16
     threads = _timing.set_threads(threads)
     variants, abouts = {}, {}
-    for dataset in DATASETS:
-        more, abouts[dataset] = step_variants(dataset, batch_size, seed)
+    for label, options in MODELS.items():
+        more, abouts[label] = step_variants(label, options, batch_size, seed)
         variants.update(more)
     compiled, failures, compile_s = _timing.compile_all(variants)
     timings = _timing.time_interleaved(compiled, repeats, seed)
