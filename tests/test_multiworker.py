@@ -95,6 +95,7 @@ def workers(argv, tmp_path, n=2):
     and output file (tmp_path/workerI.log); every one is killed on the way out."""
     ports = free_ports(n)
     procs = []
+    tmp_path.mkdir(exist_ok=True)
     try:
         for i in range(n):
             tmp = tmp_path / f"tmp{i}"
@@ -195,3 +196,31 @@ def test_a_killed_worker_ends_the_run_with_a_message(tmp_path):
     assert "a worker of the cluster stopped answering" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     print(f"the chief ended {took:.1f} s after worker 1 was killed")
+
+
+@pytest.mark.slow
+def test_killed_workers_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Both workers killed mid-run; `rnode train --resume --workers` on each continues from
+    the chief's checkpoint (the other worker copies it: --out is reachable from both)."""
+    from keras_rnode.runs import load_model
+
+    args = [sys.executable, "-m", "keras_rnode.cli", *TRAIN, "--trace", "hutchinson",
+            "--steps", "12", "--checkpoint-every", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    with workers([*args, "--out", str(whole)], tmp_path / "a") as procs:
+        assert wait_all(procs, timeout=400) == [0, 0], log(tmp_path / "a", 0)[-3000:]
+    with workers([*args, "--out", str(killed)], tmp_path / "b") as procs:
+        backup = str(killed / "checkpoint")
+        deadline = time.monotonic() + 300
+        while (callbacks.StepBackup.resume_step(backup) or 0) < 4:
+            assert all(p.poll() is None for p in procs), log(tmp_path / "b", 0)[-3000:]
+            assert time.monotonic() < deadline, "the workers never trained"
+            time.sleep(0.05)
+    resume = [sys.executable, "-m", "keras_rnode.cli", "train", "--resume", "--workers",
+              "--out", str(killed)]
+    with workers(resume, tmp_path / "c") as procs:
+        assert wait_all(procs, timeout=400) == [0, 0], log(tmp_path / "c", 1)[-3000:]
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert 4 <= metrics["resumed_from_step"] < 12
+    for a, b in zip(load_model(whole).weights, load_model(killed).weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
