@@ -400,7 +400,9 @@ def train(settings, note=print):
         report = _train(settings if scratch is None else dataclasses.replace(
             settings, out=scratch, overwrite=True), note)
     except Exception as err:
-        message = lost_worker(err)
+        message = lost_worker(err, hint=f"Start every worker again with `rnode train --resume "
+                                        f"--workers --out {settings.run_dir}` to continue from "
+                                        "the last checkpoint.")
         if message is None:
             raise
         raise RunFailed(message) from None

@@ -224,3 +224,31 @@ def test_killed_workers_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
     assert 4 <= metrics["resumed_from_step"] < 12
     for a, b in zip(load_model(whole).weights, load_model(killed).weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_the_cluster_and_a_lost_worker_read_plainly(monkeypatch):
+    import tensorflow as tf
+
+    from keras_rnode.backend import distribute
+
+    for spec, index, expected in (({"worker": ["a:1", "b:1"]}, 1, (1, 2)),
+                                  ({"chief": ["a:1"], "worker": ["b:1"]}, 0, (1, 2))):
+        monkeypatch.setenv("TF_CONFIG", json.dumps(
+            {"cluster": spec, "task": {"type": "worker", "index": index}}))
+        assert distribute.cluster() == expected and not distribute.is_chief()
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["a:1"], "worker": ["b:1"]}, "task": {"type": "chief", "index": 0}}))
+    assert distribute.is_chief()
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 2))
+    with pytest.raises(ValueError, match="not in its cluster"):
+        distribute.cluster()
+    # TensorFlow's error, without the trace of where the collective was defined.
+    err = tf.errors.UnavailableError(None, None, (
+        "Graph execution error:\n\nDetected at node x defined at (most recent call last):\n"
+        '  File "a.py", line 1, in f\n\nCollective ops is aborted by: task 1 is unhealthy\n'
+        "\t [[{{node x}}]] [Op:__inference_step]"))
+    message = distribute.lost_worker(err, hint="Start again.")
+    assert message.startswith("a worker of the cluster stopped answering")
+    assert message.endswith("Start again. TensorFlow: UnavailableError: Collective ops is "
+                            "aborted by: task 1 is unhealthy"), message
+    assert distribute.lost_worker(ValueError("no")) is None

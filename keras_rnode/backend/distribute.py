@@ -193,8 +193,9 @@ def multi_worker_strategy(timeout_seconds=WORKER_TIMEOUT):
     return _MULTI_WORKER["strategy"]
 
 
-def lost_worker(err):
-    """A message for a collective that failed because a worker died or hung, else None."""
+def lost_worker(err, hint=""):
+    """A message for a collective that failed because a worker died or hung, else None;
+    `hint` (what to do) goes before TensorFlow's own words."""
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf
@@ -207,8 +208,8 @@ def lost_worker(err):
     skip = ("File ", "[[", "Detected at node", "Graph execution error", "Additional GRPC")
     detail = " ".join(line for line in lines if line and not line.startswith(skip))
     return ("a worker of the cluster stopped answering (it was killed, crashed or hung), so "
-            "training cannot go on: every worker must run until the end; start them all "
-            f"again. TensorFlow: {type(err).__name__}: {detail[:400]}")
+            "training cannot go on: every worker must run until the end. "
+            f"{hint + ' ' if hint else ''}TensorFlow: {type(err).__name__}: {detail[:400]}")
 
 
 def replica_count():
