@@ -1,4 +1,5 @@
-"""Data-parallel training on TensorFlow: tf.distribute strategies and the loss scaling they need.
+"""Data-parallel training: tf.distribute strategies (one host or several), JAX's DataParallel,
+and the loss scaling and input they need.
 
 One host, several devices: `mirrored_strategy(n)` gives a
 `tf.distribute.MirroredStrategy` over n GPUs, or over n logical CPU devices
@@ -17,8 +18,8 @@ Worker 0 (the chief, `is_chief()`) writes the run directory; the others do
 the same work, collectives included, into a scratch directory of their
 own, as TensorFlow's multi-worker guide recommends. A worker that dies
 ends the others' next collective within `timeout_seconds` (TensorFlow's
-peer health check usually notices sooner); `lost_worker` turns that
-error into a message.
+coordination service, which watches the workers' heartbeats, usually
+notices within seconds); `lost_worker` turns that error into a message.
 
 On JAX the route is Keras's own distribution API: `data_parallel(n)` sets
 `keras.distribution.DataParallel` over n devices (GPUs, or the CPU shown
@@ -111,10 +112,12 @@ def jax_devices(n):
         pass  # JAX is running already: its devices are what they are
     devices = jax.devices()
     if len(devices) < n:
-        raise RuntimeError(
-            f"JAX has {len(devices)} {devices[0].platform.upper()} device(s), not {n}: JAX "
-            "started before its CPU could be split; set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={n} before it starts")
+        platform = devices[0].platform
+        why = ("JAX started before its CPU could be split; set XLA_FLAGS="
+               f"--xla_force_host_platform_device_count={n} before it starts"
+               if platform == "cpu" else "ask for fewer")
+        raise RuntimeError(f"JAX has {len(devices)} {platform.upper()} device(s), not {n}: "
+                           f"{why}")
     return devices[:n]
 
 
