@@ -120,6 +120,47 @@ def test_stopped_run_keeps_its_last_good_weights_and_can_resume(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_fit_under_a_strategy_trains_on_the_stream_from_its_start():
+    """Under a tf.distribute strategy Keras's fit reads a first pass of its input to build
+    the model and trains on a second pass, which a shuffled stream reshuffles (by how far
+    the first pass read). fit_input gives it a fresh stream at each pass: a fit from
+    batch `start` trains on batches start, start + 1, ... of the one seeded stream."""
+    import tensorflow as tf
+
+    from keras_rnode.backend.distribute import fit_input
+
+    x = np.arange(40, dtype="float32").reshape(20, 2)
+
+    def stream(start):
+        return make_dataset(x, 4, seed=0, repeat=True, start=start)
+
+    expected = [b.numpy() for b in stream(0).take(10)]
+    seen = []
+
+    class Recorder(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            tf.py_function(lambda v: seen.append(v.numpy()), [data], [])
+            return {"rows": tf.shape(data)[0]}
+
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        model = Recorder()
+        model.compile(optimizer="sgd")
+        model.build((None, 2))
+    for start in (0, 4):
+        seen.clear()
+        model.fit(fit_input(model, stream, start), steps_per_epoch=3, epochs=1, verbose=0)
+        assert len(seen) == 3
+        for got, want in zip(seen, expected[start:start + 3]):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.slow  # the CLI test above covers the same ground through rnode train
 def test_library_resume_restores_weights_optimizer_and_noise(tmp_path):
     """fit_resumable directly: Hutchinson noise, Adam moments, the data stream."""
