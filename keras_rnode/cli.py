@@ -17,6 +17,7 @@ so that `rnode --help` answers at once.
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import re
 import sys
@@ -79,13 +80,15 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _load_keras():
+def _load_keras(seeds=False):
     """Import keras for a command, silencing what TensorFlow's C++ side prints while it loads
     and looks for devices (oneDNN, the CUDA probes, absl's "before InitializeLog" line).
 
     Those lines are written to the process's stderr before TF_CPP_MIN_LOG_LEVEL
     applies, so only its file descriptor, closed for that moment, stops them;
-    TF_CPP_MIN_LOG_LEVEL=0 keeps them.
+    TF_CPP_MIN_LOG_LEVEL=0 keeps them. `seeds`: the command calls
+    keras.utils.set_random_seed, which imports TensorFlow (to seed it) under
+    every backend where it is installed: then TensorFlow loads here, quietly.
     """
     if "keras" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return
@@ -95,7 +98,8 @@ def _load_keras():
     try:
         import keras
 
-        if keras.config.backend() == "tensorflow":
+        if keras.config.backend() == "tensorflow" or (
+                seeds and importlib.util.find_spec("tensorflow") is not None):
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # its CUDA probe logs an error on a CPU
@@ -365,7 +369,7 @@ def train(**options):
           --step-size 0.25 --batch-size 200 --out runs/mnist
     """
     settings = _train_settings(options, click.get_current_context())
-    _load_keras()
+    _load_keras(seeds=True)
     from keras_rnode.evaluation import describe_result
 
     try:

@@ -113,6 +113,19 @@ def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
         f"Error: {tmp_path / 'missing'} does not exist"], proc.stderr
 
 
+def test_seeding_under_jax_loads_tensorflow_quietly():
+    """keras.utils.set_random_seed imports TensorFlow under any backend where it is
+    installed; `rnode train` loads it first, silenced."""
+    script = ("import keras_rnode.cli as cli; cli._load_keras(seeds=True); import keras; "
+              "keras.utils.set_random_seed(0); print(keras.config.backend())")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**env, "KERAS_BACKEND": "jax"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "jax", proc.stderr
+    assert not [line for line in proc.stderr.splitlines()
+                if any(word in line for word in NOISE)], proc.stderr
+
+
 def test_help_teaches_with_examples():
     result = invoke("--help")
     assert result.exit_code == 0
