@@ -495,7 +495,7 @@ def table(rows, notes, args, started):
         "",
         "| model | step | train s | bits/dim | eval NFE |",
         "|---|---:|---:|---:|---:|",
-        *[f"| {r['model']} | {r['step']} | {fmt(r['train_s'])} | {fmt(r['bpd'], 4)} "
+        *[f"| {r['model']} | {r['step']} | {fmt(r['train_s'], 2)} | {fmt(r['bpd'], 4)} "
           f"| {fmt(r['eval_nfe'], 0)} |" for r in digits],
         "",
         *[f"- {r['part']}: skipped ({r['why']})" for r in rows if r["kind"] == "skipped"],
