@@ -20,8 +20,9 @@ lambda_K = lambda_J = 0.01 (Finlay et al., ICML 2020):
 
 The paper's epoch counts are not encoded; the mnist and cifar10 recipes
 run 100 epochs unless told otherwise (`-- --epochs N` or `-- --steps N`).
-XLA is off by default: on CPU, XLA compiles these conv dynamics into a
-step about 14x slower than graph mode; pass --jit on GPUs.
+XLA is `rnode train --jit auto`'s choice unless --jit or --no-jit says
+otherwise: on a GPU on, on a CPU off (there XLA compiles these conv dynamics
+into a step about 19x slower than graph mode).
 """
 
 import shlex
@@ -47,7 +48,7 @@ RECIPES = {
 }
 
 
-def recipe_args(name, out=None, devices=1, jit=False, extra=()):
+def recipe_args(name, out=None, devices=1, jit=None, extra=()):
     """The `rnode train` arguments of a recipe, with the caller's additions last."""
     args = list(RECIPES[name])
     extra = list(extra)
@@ -58,7 +59,7 @@ def recipe_args(name, out=None, devices=1, jit=False, extra=()):
             del args[i:i + 2]
     if out:
         args += ["--out", out]
-    args += ["--devices", str(devices), "--jit" if jit else "--no-jit"]
+    args += ["--devices", str(devices), "--jit", {None: "auto", True: "on", False: "off"}[jit]]
     return args + extra
 
 
@@ -68,8 +69,9 @@ def recipe_args(name, out=None, devices=1, jit=False, extra=()):
 @click.option("--out", default=None, help="Run directory.  [default: runs/DATASET]")
 @click.option("--devices", default=1, show_default=True, type=click.IntRange(min=1),
               help="Data-parallel training on this many devices (MirroredStrategy).")
-@click.option("--jit/--no-jit", default=False, show_default=True,
-              help="XLA: faster on GPUs; on CPU about 14x slower with conv dynamics.")
+@click.option("--jit/--no-jit", default=None,
+              help="XLA: faster on GPUs; on CPU about 19x slower with conv dynamics.  "
+                   "[default: rnode train's --jit auto]")
 @click.option("--dry-run", is_flag=True, help="Print the `rnode train` command and stop.")
 def main(recipe, extra, out, devices, jit, dry_run):
     """Train RECIPE (digits, mnist, cifar10) with the paper's settings; EXTRA goes to rnode train."""

@@ -54,7 +54,8 @@ def test_overrides_win_and_steps_replace_epochs():
                                                                    "--batch-size", "8"])
     assert "--epochs" not in args
     assert option(args, "--steps") == "2" and option(args, "--batch-size") == "8"
-    assert option(args, "--devices") == "2" and "--no-jit" in args
+    assert option(args, "--devices") == "2" and option(args, "--jit") == "auto"
+    assert option(recipes.recipe_args("mnist", jit=False), "--jit") == "off"
 
 
 def test_dry_run_prints_the_command_without_training(tmp_path):
