@@ -135,6 +135,7 @@ def test_replicas_draw_their_own_hutchinson_noise():
             assert abs(np.corrcoef(a, b)[0, 1]) < 0.1, (noise, replica)
 
 
+@pytest.mark.slow  # 20 s; the two-device step itself is checked in the default suite above
 def test_rnode_train_on_two_devices(tmp_path):
     out = tmp_path / "run"
     code = textwrap.dedent(f'''

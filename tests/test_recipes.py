@@ -74,6 +74,7 @@ def run_recipe(name, out, *extra):
     return result.output, metrics, config
 
 
+@pytest.mark.slow  # 33 s; the recipe's arguments are checked above, its model in test_multiscale
 def test_digits_recipe_runs_two_steps(tmp_path):
     # The recipe's model; narrower nets (its widths are checked above), a smaller batch
     # and a fixed-step evaluation keep it quick.

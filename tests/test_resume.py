@@ -293,7 +293,7 @@ ARGS = st.lists(st.one_of(st.sampled_from(OPTIONS + ["--resume", "--overwrite", 
                           VALUES), max_size=8)
 
 
-@hypothesis.settings(max_examples=40, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True,
                      suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
 @hypothesis.given(command=st.sampled_from(["train", "evaluate", "sample", "export"]),
                   args=ARGS)
