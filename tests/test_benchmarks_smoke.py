@@ -243,3 +243,34 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     text = (tmp_path / "gpu.md").read_text()
     assert "### 1. The 2-D training step" in text and "Check: CPU" in text
 
+
+# --------------------------------------------------------------------------
+# Issue 17: learning per step, keras-rnode against the PyTorch reference
+
+
+def test_plateau_lists_its_options():
+    result = CliRunner().invoke(load("plateau").main, ["--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--datasets", "--sides", "--init", "--steps", "--eval-every", "--quick",
+                   "--out", "--plot-only"):
+        assert option in result.output
+
+
+@pytest.mark.slow
+def test_plateau_quick_run_writes_records_and_figure(tmp_path):
+    import json
+    import math
+
+    pytest.importorskip("torchdiffeq")
+    _run([sys.executable, str(BENCH / "plateau.py"), "--quick", "--out", str(tmp_path)])
+    rows = [json.loads(line)
+            for line in (tmp_path / "plateau_8gaussians.jsonl").read_text().splitlines()]
+    records = [r for r in rows if "side" in r]
+    assert {r["side"] for r in records} == {"keras", "torch"}
+    assert all(math.isfinite(r["nll"]) and r["eval_nfe"] > 0 for r in records)
+    trained = [r for r in records if r["step"] > 0]
+    assert all(r["nfe_forward"] > 0 for r in trained)
+    assert all(r["nfe_backward"] > 0 for r in trained if r["side"] == "torch")
+    summary = rows[-1]["summary"]
+    assert summary["target"] == 3.0 and set(summary["sides"]) == {"keras", "torch"}
+    assert (tmp_path / "plateau.png").stat().st_size > 10_000
