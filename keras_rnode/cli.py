@@ -302,8 +302,10 @@ def main():
                    f"many as {runs.DEFAULT_MIN_STEPS} steps take; unless --steps]")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="Train for exactly this many optimizer steps instead of epochs.")
-@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--eval-batch-size", default=500, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Training batch size (the global batch, split across devices or workers).")
+@click.option("--eval-batch-size", default=500, show_default=True, type=click.IntRange(min=1),
+              help="Batch size of the held-out evaluation and the figure.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, callback=_positive,
               help="Adam learning rate.")
 @click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(min=0),
@@ -351,7 +353,9 @@ def main():
               help="Warn (or, with --on-nfe-limit stop, stop) when a training step's NFE "
                    "exceeds this.")
 @click.option("--on-nfe-limit", default="warn", show_default=True,
-              type=click.Choice(["warn", "stop"]))
+              type=click.Choice(["warn", "stop"]),
+              help="What a step over --nfe-limit does: warn, or end the run at the first "
+                   "such step.")
 @friendly_errors
 def train(**options):
     """Train an RNODE model and write a run directory.
