@@ -80,3 +80,15 @@ def gradients(loss_fn, tensors=(), variables=()):
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
     return loss.detach(), grads[:len(tensors)], grads[len(tensors):]
+
+
+def assert_same_step(one, two):
+    """Two data-parallel runs of one SGD step agree: loss, nll and kinetic to 1e-5, and the
+    weight changes (-lr * gradient, so the gradients) to 1e-4; `one` and `two` are dicts of
+    those logs and "step" (the change of each weight)."""
+    for key in ("loss", "nll", "kinetic"):
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, err_msg=key)
+    moved = max(np.max(np.abs(s)) for s in one["step"])
+    assert moved > 1e-4
+    for a, b in zip(two["step"], one["step"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * moved)
