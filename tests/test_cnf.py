@@ -77,9 +77,8 @@ class Linear(keras.layers.Layer):
 def make_net(dim, hidden=(8, 8), seed=0, scale=1.0, dtype="float64"):
     """A ConcatSquashMLP with a random (non-zero) last layer, kernels times `scale`.
 
-    The weights are drawn with NumPy, as the layer's initializers draw them
-    (Glorot-uniform kernels, zero biases, U(-1, 1) time maps): every Keras
-    backend gets the same net.
+    The weights are drawn with NumPy (Glorot-uniform kernels, zero biases,
+    U(-1, 1) time maps), so every Keras backend gets the same net.
     """
     net = ConcatSquashMLP(hidden=hidden, activation="softplus", zero_init_last=False,
                           dtype=dtype)

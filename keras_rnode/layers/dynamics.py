@@ -33,6 +33,13 @@ PACKAGE = "keras_rnode"
 # PyTorch init is U(-1, 1): enough time dependence to matter from step one.
 _TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval": 1.0}}
 
+# Kernels U(+-1/sqrt(fan_in)), PyTorch's Linear/Conv2d default (what the
+# paper's code trains with). Glorot's bound is less than half that for a 2-D
+# input's first layer, and such a flow sat on a plateau for ~500 steps
+# before it learned (benchmarks/RESULTS.md, "Learning per step").
+_KERNEL_INIT = {"class_name": "VarianceScaling",
+                "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"}}
+
 
 def validate_dynamics_output(name, z, dz, dynamics=None):
     """Raise ValueError when `dz`'s static shape is not `z`'s; return `dz`.
@@ -97,7 +104,7 @@ class _ConcatSquashDense(keras.layers.Layer):
 def _add_squash_weights(layer, kernel_shape):
     """The kernel and bias of `layer`, and the gate and hyper-bias that carry t."""
     n = kernel_shape[-1]
-    main = "zeros" if layer.zero_init else "glorot_uniform"
+    main = "zeros" if layer.zero_init else _KERNEL_INIT
     time = "zeros" if layer.zero_init else _TIME_INIT
     # Creation order fixes the initializers' random draws and the weights' order.
     layer.kernel = layer.add_weight(shape=kernel_shape, initializer=main, name="kernel")
@@ -148,7 +155,7 @@ class _ConcatConv(_ConvBlock):
         # One kernel over c + 1 inputs, the last being the time channel.
         self.kernel = self.add_weight(
             shape=(k, k, c + 1, self.filters),
-            initializer="zeros" if self.zero_init else "glorot_uniform",
+            initializer="zeros" if self.zero_init else _KERNEL_INIT,
             name="kernel",
         )
         self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
