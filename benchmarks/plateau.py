@@ -8,8 +8,11 @@ batch 512, training points toy(name, n_train, seed) (100k as `rnode
 train`), batches from one seeded permutation per epoch.
 
 - "keras": keras-rnode as `rnode train` builds and compiles it
-  (models.factory.build_model; TensorFlow backend, XLA, direct gradients,
-  the package's default initialization, or --init for an ablation).
+  (models.factory.build_model; direct gradients, `rnode train --jit auto`'s
+  choice (XLA on TensorFlow and JAX), the package's default initialization,
+  or --init for an ablation). TensorFlow unless KERAS_BACKEND says otherwise:
+  `KERAS_BACKEND=jax python benchmarks/plateau.py --sides keras` checks the
+  learning per step on another backend.
 - "torch": benchmarks/reference_torch.py (PyTorch + torchdiffeq, the
   released code's way: PyTorch's default initialization,
   odeint_adjoint, the regularizers out of error control).
@@ -135,8 +138,8 @@ class KerasSide:
 
     def __init__(self, x_test, args):
         import keras
-        import tensorflow as tf
 
+        from keras_rnode import backend
         from keras_rnode.models.factory import build_model
         from keras_rnode.solvers.settings import SolverSettings
 
@@ -151,16 +154,9 @@ class KerasSide:
         model.build((None, 2))
         if args["init"] != "default":
             reinit(model.blocks[0].dynamics, args["init"], args["seed"])
-        model.compile(optimizer=keras.optimizers.Adam(args["lr"]), jit_compile=True)
-        self.model = model
-        x = tf.convert_to_tensor(x_test)
-        cnf = model.blocks[0]
-
-        @tf.function(jit_compile=True)
-        def evaluate(x):
-            return -tf.reduce_mean(model.log_prob(x)), cnf.stats["nfe"].value
-
-        self._evaluate = lambda: evaluate(x)
+        model.compile(optimizer=keras.optimizers.Adam(args["lr"]),
+                      jit_compile=backend.jit_by_default(conv=False))
+        self.model, self.x_test = model, x_test
 
     def step(self, batch):
         logs = self.model.train_on_batch(batch, return_dict=True)
@@ -168,8 +164,11 @@ class KerasSide:
                 "backward_nfe": logs.get("backward_nfe")}
 
     def evaluate(self):
-        nll, nfe = self._evaluate()
-        return float(nll), int(nfe)
+        from keras_rnode.evaluation import log_prob_batches
+
+        log_p, nfe, _ = log_prob_batches(self.model, self.x_test, len(self.x_test),
+                                         strict=False)
+        return float(-log_p.mean()), int(nfe)
 
 
 class TorchSide:
@@ -408,7 +407,7 @@ def replot(out, tag, names):
               type=click.Choice(["direct", "adjoint"]),
               help="keras side's gradient (`rnode train`'s default: direct).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="TensorFlow and PyTorch threads (0: their defaults).")
+              help="TensorFlow and PyTorch threads (0: their defaults; JAX keeps its own).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quick", is_flag=True, help="Smoke run: 8gaussians, 4 steps a side, 2 per evaluation.")
 @click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT),
