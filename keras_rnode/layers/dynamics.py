@@ -33,11 +33,13 @@ PACKAGE = "keras_rnode"
 # PyTorch init is U(-1, 1): enough time dependence to matter from step one.
 _TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval": 1.0}}
 
-# Kernels U(+-1/sqrt(fan_in)), PyTorch's Linear/Conv2d default (what the
-# paper's code trains with). Glorot's bound is less than half that for a 2-D
-# input's first layer, and such a flow sat on a plateau for ~500 steps
-# before it learned (benchmarks/RESULTS.md, "Learning per step").
-_KERNEL_INIT = {"class_name": "VarianceScaling",
+# The first block, the one that reads the state z, starts its kernel at
+# U(+-1/sqrt(fan_in)), PyTorch's Linear/Conv2d default (the paper's code).
+# Glorot's bound is less than half that on a 2-D state (+-0.30 against +-0.71
+# for 2 -> 64) and such a flow sat ~500 steps on a plateau; the deeper
+# kernels keep Glorot, which learned faster than fan_in on the 64-256-256
+# digits net (benchmarks/RESULTS.md, "Learning per step").
+_FIRST_KERNEL_INIT = {"class_name": "VarianceScaling",
                 "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"}}
 
 
@@ -87,10 +89,12 @@ def _scalar_time(layer, t, dtype):
 class _ConcatSquashDense(keras.layers.Layer):
     """(W x + b) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h], with t a scalar."""
 
-    def __init__(self, units, zero_init=False, context_dim=None, **kwargs):
+    def __init__(self, units, zero_init=False, kernel_initializer="glorot_uniform",
+                 context_dim=None, **kwargs):
         super().__init__(**kwargs)
         self.units = units
         self.zero_init = zero_init
+        self.kernel_initializer = kernel_initializer
         self.context_dim = context_dim
 
     def build(self, input_shape):
@@ -104,7 +108,7 @@ class _ConcatSquashDense(keras.layers.Layer):
 def _add_squash_weights(layer, kernel_shape):
     """The kernel and bias of `layer`, and the gate and hyper-bias that carry t."""
     n = kernel_shape[-1]
-    main = "zeros" if layer.zero_init else _KERNEL_INIT
+    main = "zeros" if layer.zero_init else layer.kernel_initializer
     time = "zeros" if layer.zero_init else _TIME_INIT
     # Creation order fixes the initializers' random draws and the weights' order.
     layer.kernel = layer.add_weight(shape=kernel_shape, initializer=main, name="kernel")
@@ -139,11 +143,13 @@ def _squash(layer, out, t, context=None):
 class _ConvBlock(keras.layers.Layer):
     """A channels-last convolution block: `filters` outputs, square kernels."""
 
-    def __init__(self, filters, kernel_size, zero_init=False, **kwargs):
+    def __init__(self, filters, kernel_size, zero_init=False,
+                 kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.kernel_size = kernel_size
         self.zero_init = zero_init
+        self.kernel_initializer = kernel_initializer
 
 
 class _ConcatConv(_ConvBlock):
@@ -155,7 +161,7 @@ class _ConcatConv(_ConvBlock):
         # One kernel over c + 1 inputs, the last being the time channel.
         self.kernel = self.add_weight(
             shape=(k, k, c + 1, self.filters),
-            initializer="zeros" if self.zero_init else _KERNEL_INIT,
+            initializer="zeros" if self.zero_init else self.kernel_initializer,
             name="kernel",
         )
         self.bias = self.add_weight(shape=(self.filters,), initializer="zeros", name="bias")
@@ -176,8 +182,8 @@ class _ConcatConv(_ConvBlock):
 class _ConcatSquashConv(_ConvBlock):
     """conv(x) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h] (FFJORD's ConcatSquashConv2d)."""
 
-    def __init__(self, filters, kernel_size, zero_init=False, context_dim=None, **kwargs):
-        super().__init__(filters, kernel_size, zero_init=zero_init, **kwargs)
+    def __init__(self, filters, kernel_size, context_dim=None, **kwargs):
+        super().__init__(filters, kernel_size, **kwargs)
         self.context_dim = context_dim
 
     def build(self, input_shape):
@@ -307,12 +313,17 @@ def _block_width(block):
 
 
 def _stack(net, block, widths, name, **kwargs):
-    """Blocks of `widths` named name_0, name_1, ...; the last zeroed if `net` says so."""
+    """Blocks of `widths` named name_0, name_1, ...; the last zeroed if `net` says so.
+
+    The first block's kernel starts at _FIRST_KERNEL_INIT, the others' at Glorot.
+    """
     last = len(widths) - 1
     if net.context_dim is not None:
         kwargs["context_dim"] = net.context_dim
     return [
-        block(n, zero_init=net.zero_init_last and i == last, dtype=net.dtype_policy,
+        block(n, zero_init=net.zero_init_last and i == last,
+              kernel_initializer=_FIRST_KERNEL_INIT if i == 0 else "glorot_uniform",
+              dtype=net.dtype_policy,
               name=f"{name}_{i}", **kwargs)
         for i, n in enumerate(widths)
     ]
