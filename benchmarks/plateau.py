@@ -69,7 +69,9 @@ INITS = {
     "kernels": ("fan_in", "zero", "all"),      # old + PyTorch-sized hidden kernels
     "bias_drift": ("glorot", "fan_in", "kernel"),
     "lead_zero": ("fan_in", "fan_in", "all"),  # the lead, but f == 0 at the start
-    "first": ("first", "zero", "all"),         # old + the first layer's kernel PyTorch-sized
+    # old + the first layer's kernel PyTorch-sized: the package default since
+    # issue 17 (here drawn in NumPy)
+    "first": ("first", "zero", "all"),
     "not_first": ("not_first", "zero", "all"), # old + every hidden kernel but the first's
 }
 
