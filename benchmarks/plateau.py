@@ -156,7 +156,7 @@ class KerasSide:
         model.build((None, 2))
         if args["init"] != "default":
             reinit(model.blocks[0].dynamics, args["init"], args["seed"])
-        model.compile(optimizer=keras.optimizers.Adam(args["lr"]),
+        model.compile(optimizer=keras.optimizers.Adam(args["lr"], epsilon=args["adam_epsilon"]),
                       jit_compile=backend.jit_by_default(conv=False))
         self.model, self.x_test = model, x_test
 
@@ -401,6 +401,9 @@ def replot(out, tag, names):
 @click.option("--n-train", default=100000, show_default=True, type=click.IntRange(min=1))
 @click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--adam-epsilon", default=1e-7, show_default=True, type=float,
+              help="keras side's Adam epsilon (Keras's default; PyTorch's is 1e-8, added "
+                   "after the bias correction where Keras adds it before).")
 @click.option("--lam", default=0.01, show_default=True, type=float,
               help="lambda_K = lambda_J.")
 @click.option("--tol", default=1e-5, show_default=True, type=float,
@@ -418,7 +421,8 @@ def replot(out, tag, names):
 @click.option("--plot-only", is_flag=True,
               help="Redraw plateau<tag>.png and the table from --out's JSON lines, no training.")
 def main(datasets, sides, init, steps, after_target, target_override, eval_every, batch,
-         n_train, n_test, lr, lam, tol, gradient, threads, seed, quick, out, tag, plot_only):
+         n_train, n_test, lr, adam_epsilon, lam, tol, gradient, threads, seed, quick, out, tag,
+         plot_only):
     """Train keras-rnode and the PyTorch reference side by side; NLL vs steps and time."""
     if plot_only:
         return replot(Path(out), tag, [d for d in datasets.split(",") if d])
@@ -439,7 +443,8 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
         tf.config.threading.set_inter_op_parallelism_threads(threads)
         torch.set_num_threads(threads)
     args = dict(steps=steps, after_target=after_target, eval_every=eval_every, batch=batch,
-                n_train=n_train, n_test=n_test, lr=lr, lam=lam, tol=tol, gradient=gradient,
+                n_train=n_train, n_test=n_test, lr=lr, adam_epsilon=adam_epsilon, lam=lam, tol=tol,
+                gradient=gradient,
                 seed=seed, sides=sides, init=init, targets=targets)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
