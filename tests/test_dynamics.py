@@ -67,7 +67,8 @@ def test_shape_and_identity_at_init(cls):
 def test_first_kernel_starts_at_pytorch_scale(cls):
     # The block reading z starts U(+-1/sqrt(fan_in)) as the paper's PyTorch code
     # does (issue 17), std 1/sqrt(3 fan_in); the deeper ones Glorot, std
-    # sqrt(2 / (fan_in + fan_out)); the last at zero. Each is 1.6x to 3x off the other's.
+    # sqrt(2 / (fan_in + fan_out)); the last at zero. At these shapes either
+    # rule's std is 1.6x to 3x the other's, so a swapped rule fails.
     net = make(cls, **{WIDTHS[cls]: (64, 64)})
     net(0.5, sample(cls))
     kernels = [ops.convert_to_numpy(w) for w in net.weights if w.path.endswith("/kernel")]

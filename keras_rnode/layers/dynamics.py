@@ -11,7 +11,9 @@ follow FFJORD's time-conditioned blocks (Grathwohl et al., 2019):
   the dense blocks.
 
 By default the last block's parameters start at zero, so ``f == 0`` exactly
-and a fresh CNF is the identity map.
+and a fresh CNF is the identity map. The first block's kernel starts at
+U(+-1/sqrt(fan_in)), PyTorch's default and so the paper's code's, the
+others' at Glorot uniform (benchmarks/RESULTS.md, "Learning per step").
 
 Conditional flows: the squash nets built with ``context_dim=C`` are called
 as ``net(t, z, context)`` with a per-sample context of shape (batch, C)
@@ -39,8 +41,10 @@ _TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval"
 # for 2 -> 64) and such a flow sat ~500 steps on a plateau; the deeper
 # kernels keep Glorot, which learned faster than fan_in on the 64-256-256
 # digits net (benchmarks/RESULTS.md, "Learning per step").
-_FIRST_KERNEL_INIT = {"class_name": "VarianceScaling",
-                "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"}}
+_FIRST_KERNEL_INIT = {
+    "class_name": "VarianceScaling",
+    "config": {"scale": 1.0 / 3.0, "mode": "fan_in", "distribution": "uniform"},
+}
 
 
 def validate_dynamics_output(name, z, dz, dynamics=None):
