@@ -7,7 +7,7 @@ dopri5 at rtol = atol = 1e-5, lambda_K = lambda_J = 0.01, Adam 1e-3,
 batch 512, training points toy(name, n_train, seed) (100k as `rnode
 train`), batches from one seeded permutation per epoch.
 
-- "keras": keras-rnode as `rnode train` builds and compiles it
+- "keras": keras-rnode as `rnode train --trace hutchinson` builds and compiles it
   (models.factory.build_model; direct gradients, `rnode train --jit auto`'s
   choice (XLA on TensorFlow and JAX), the package's default initialization,
   or --init for an ablation). TensorFlow unless KERAS_BACKEND says otherwise:
@@ -386,21 +386,27 @@ def replot(out, tag, names):
               help="Comma-separated toy data sets (targets: "
                    + ", ".join(f"{k} {v}" for k, v in TARGETS.items()) + ").")
 @click.option("--sides", default="keras,torch", show_default=True,
-              help="Which to train: keras, torch or both.")
+              help="Which to train: keras, torch, or keras,torch (both).")
 @click.option("--init", type=click.Choice(["default", *INITS]), default="default",
               show_default=True, help="keras side's initialization (ablation); default: "
-              "the package's.")
-@click.option("--steps", default=3000, show_default=True, type=click.IntRange(min=1),
-              help="Most training steps per side.")
+              "the package's; the others are described at INITS in this file (old: "
+              "the package's before issue 17; torch: the reference's).")
+@click.option("--steps", default=5000, show_default=True, type=click.IntRange(min=1),
+              help="At most this many training steps per side.")
 @click.option("--after-target", default=0, show_default=True, type=click.IntRange(min=0),
               help="Steps a side trains on after reaching its target.")
 @click.option("--target", "target_override", type=float, default=None,
               help="One target for every data set (default: per data set).")
-@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-train", default=100000, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Training steps between held-out evaluations (off the clock).")
+@click.option("--batch", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Training batch size, both sides.")
+@click.option("--n-train", default=100000, show_default=True, type=click.IntRange(min=1),
+              help="Training points drawn from the toy distribution.")
+@click.option("--n-test", default=2000, show_default=True, type=click.IntRange(min=1),
+              help="Held-out points (drawn with seed + 1).")
+@click.option("--lr", default=1e-3, show_default=True, type=float,
+              help="Adam's learning rate, both sides.")
 @click.option("--adam-epsilon", default=1e-7, show_default=True, type=float,
               help="keras side's Adam epsilon (Keras's default; PyTorch's is 1e-8, added "
                    "after the bias correction where Keras adds it before).")
@@ -413,10 +419,12 @@ def replot(out, tag, names):
               help="keras side's gradient (`rnode train`'s default: direct).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="TensorFlow and PyTorch threads (0: their defaults; JAX keeps its own).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seeds both sides' weights, the data and the batch order.")
 @click.option("--quick", is_flag=True, help="Smoke run: 8gaussians, 4 steps a side, 2 per evaluation.")
 @click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT),
-              show_default=True, help="Folder for plateau_<dataset>.jsonl and plateau.png.")
+              show_default=True, help="Folder for plateau<tag>_<dataset>.jsonl and plateau<tag>.png "
+              "(the default holds the committed records: a run there replaces them).")
 @click.option("--tag", default="", help="Suffix for the output names (plateau<tag>_...).")
 @click.option("--plot-only", is_flag=True,
               help="Redraw plateau<tag>.png and the table from --out's JSON lines, no training.")

@@ -12,8 +12,9 @@ follow FFJORD's time-conditioned blocks (Grathwohl et al., 2019):
 
 By default the last block's parameters start at zero, so ``f == 0`` exactly
 and a fresh CNF is the identity map. The first block's kernel starts at
-U(+-1/sqrt(fan_in)), PyTorch's default and so the paper's code's, the
-others' at Glorot uniform (benchmarks/RESULTS.md, "Learning per step").
+U(+-1/sqrt(fan_in)), as PyTorch starts its Linear and Conv2d kernels (and
+so the paper's code), the others' at Glorot uniform (benchmarks/RESULTS.md,
+"Learning per step").
 
 Conditional flows: the squash nets built with ``context_dim=C`` are called
 as ``net(t, z, context)`` with a per-sample context of shape (batch, C)
@@ -36,9 +37,10 @@ PACKAGE = "keras_rnode"
 _TIME_INIT = {"class_name": "RandomUniform", "config": {"minval": -1.0, "maxval": 1.0}}
 
 # The first block, the one that reads the state z, starts its kernel at
-# U(+-1/sqrt(fan_in)), PyTorch's Linear/Conv2d default (the paper's code).
-# Glorot's bound is less than half that on a 2-D state (+-0.30 against +-0.71
-# for 2 -> 64) and such a flow sat ~500 steps on a plateau; the deeper
+# U(+-1/sqrt(fan_in)): the kernel bound of PyTorch's Linear/Conv2d, which the
+# paper's code trains from (biases stay zero here). On a 2-D state Glorot's
+# bound is less than half that (+-0.30 where fan_in gives +-0.71 for 2 -> 64),
+# and a flow started at Glorot left its early plateau later. The deeper
 # kernels keep Glorot, which learned faster than fan_in on the 64-256-256
 # digits net (benchmarks/RESULTS.md, "Learning per step").
 _FIRST_KERNEL_INIT = {
