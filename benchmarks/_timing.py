@@ -13,6 +13,7 @@ sys.path first, so that it also works when a test loads them by path).
 """
 
 import datetime
+import math
 import os
 import platform
 import random
@@ -230,3 +231,25 @@ def write_results(path, section, heading=None):
         text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end:] if nxt else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def clocked_step(run, step, batch):
+    """One training step `step(batch)` (returning a dict with "loss") charged to `run`.
+
+    `run` keeps compile_s, wall, cpu, steps, window and failed: the first
+    call's wall time (tracing, XLA compilation) goes to compile_s, off the
+    clock; later calls add their wall and process CPU time. Returns the logs.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    logs = step(batch)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if run.compile_s is None:
+        run.compile_s = wall
+    else:
+        run.wall += wall
+        run.cpu += cpu
+    run.steps += 1
+    run.window.append(logs)
+    if not math.isfinite(logs["loss"]):
+        run.failed = f"non-finite loss at step {run.steps}"
+    return logs

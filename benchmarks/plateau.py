@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import command_line, machine  # noqa: E402  (makes TensorFlow the backend)
+from _timing import clocked_step, command_line, machine  # noqa: E402  (makes TensorFlow the backend)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -207,19 +207,7 @@ class Run:
         self.failed = None
 
     def step(self):
-        batch = next(self.data)
-        wall, cpu = time.perf_counter(), time.process_time()
-        logs = self.side.step(batch)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if self.compile_s is None:
-            self.compile_s = wall  # tracing and XLA compilation: off the clock
-        else:
-            self.wall += wall
-            self.cpu += cpu
-        self.steps += 1
-        self.window.append(logs)
-        if not math.isfinite(logs["loss"]):
-            self.failed = f"non-finite loss at step {self.steps}"
+        clocked_step(self, self.side.step, next(self.data))
 
     def record(self):
         nll, eval_nfe = self.side.evaluate()

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import (  # noqa: E402
+    clocked_step,
     command_line,
     common_options,
     fmt_ratio,
@@ -183,19 +184,9 @@ class Run:
         self.failed = None
 
     def step(self):
-        batch = next(self.iterator)
-        wall, cpu = time.perf_counter(), time.process_time()
-        logs = self.model.train_on_batch(batch, return_dict=True)  # floats: the step is done
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        if self.compile_s is None:
-            self.compile_s = wall  # tracing + XLA compile: not on the clock
-        else:
-            self.wall += wall
-            self.cpu += cpu
-        self.steps += 1
-        self.window.append(logs)
-        if not math.isfinite(logs["loss"]):
-            self.failed = f"non-finite loss at step {self.steps}"
+        # train_on_batch returns floats, so the step is done when it returns.
+        clocked_step(self, lambda batch: self.model.train_on_batch(batch, return_dict=True),
+                     next(self.iterator))
 
     def elapsed(self, clock):
         """Training time so far on `clock` ('wall' or 'cpu')."""
