@@ -93,7 +93,7 @@ def unregularized_class():
         def call(self, x, training=None):
             if not training:
                 return super().call(x, training=training)
-            log_p = self._flow(x, True, False)[0]
+            log_p = self._flow(x, None, True, False)[0]
             zeros = keras.ops.zeros_like(log_p)
             return {"log_prob": log_p, "kinetic": zeros, "jacobian": zeros}
 
