@@ -30,7 +30,9 @@ Records: JSON lines in benchmarks/results/plateau_<dataset>.jsonl (a
 config line, one line per evaluation, a summary line), the figure
 benchmarks/results/plateau.png (NLL against steps and against training
 time, NFE against steps). Run `python benchmarks/plateau.py --help`;
-`--quick` is a smoke run (a few steps, written to --out).
+`--quick` is a smoke run (a few steps, written to --out); `--across
+,_s1,_s2` tabulates recorded seeds (steps to target, time ratios, the
+paired NLL gap) and their medians.
 """
 
 import json
@@ -348,6 +350,62 @@ def table(summaries):
     return "\n".join(lines)
 
 
+def nll_gap(records):
+    """Mean held-out NLL, keras minus torch, over the steps both sides evaluated (step 0 left out).
+
+    Where the step at which a slowly creeping curve first crosses a target
+    varies by hundreds of steps between draws, this paired gap is the
+    steadier measure of which side learns more per step (negative: keras).
+    """
+    by_side = {}
+    for r in records:
+        if "side" in r and r["step"] > 0:
+            by_side.setdefault(r["side"], {})[r["step"]] = r["nll"]
+    keras, torch = by_side.get("keras", {}), by_side.get("torch", {})
+    shared = sorted(set(keras) & set(torch))
+    return float(np.mean([keras[s] - torch[s] for s in shared])) if shared else None
+
+
+def across(out, tags, names):
+    """Steps to target and time ratios per seed from recorded runs, and their medians.
+
+    A side that never reached the target counts as infinitely many steps
+    (and time), so a median never hides a miss.
+    """
+    def cell(value, fmt):
+        return "not reached" if math.isinf(value) else "-" if math.isnan(value) else fmt(value)
+
+    lines = ["| data set | seed | keras steps | torch steps | steps ratio | wall ratio "
+             "| CPU ratio | NLL gap keras - torch [nats] |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    steps, ratio = (lambda v: f"{v:.0f}"), (lambda v: f"{v:.2f}x")
+    for dataset in names:
+        table_rows = []
+        for tag in tags:
+            path = out / f"plateau{tag}_{dataset}.jsonl"
+            if not path.exists():
+                continue
+            rows = [json.loads(line) for line in path.open()]
+            config = rows[0]["config"]
+            first = {}
+            for r in rows:
+                if "side" in r and r["nll"] <= config["targets"][dataset]:
+                    first.setdefault(r["side"], r)
+            inf = {"step": math.inf, "wall_s": math.inf, "cpu_s": math.inf}
+            k, t = first.get("keras", inf), first.get("torch", inf)
+            table_rows.append([config["seed"], k["step"], t["step"]]
+                              + [k[key] / t[key] if math.isfinite(t[key]) else math.nan
+                                 for key in ("step", "wall_s", "cpu_s")] + [nll_gap(rows)])
+        if len(table_rows) > 1:
+            table_rows.append(["median", *np.median(np.array([r[1:] for r in table_rows],
+                                                             dtype=float), axis=0)])
+        for seed, ks, ts, sr, wr, cr, gap in table_rows:
+            lines.append(f"| {dataset} | {seed} | {cell(ks, steps)} | {cell(ts, steps)} "
+                         f"| {cell(sr, ratio)} | {cell(wr, ratio)} | {cell(cr, ratio)} "
+                         f"| {gap:+.3f} |")
+    return "\n".join(lines)
+
+
 class _Recorded:
     """A finished run read back from its JSON lines (what plot() reads)."""
 
@@ -414,17 +472,23 @@ def replot(out, tag, names):
               show_default=True, help="Folder for plateau<tag>_<dataset>.jsonl and plateau<tag>.png "
               "(the default holds the committed records: a run there replaces them).")
 @click.option("--tag", default="", help="Suffix for the output names (plateau<tag>_...).")
+@click.option("--across", "across_tags", default=None,
+              help="Comma-separated tags of recorded runs (e.g. ',_s1,_s2': seed 0 has none): "
+                   "print steps to target, time ratios and the NLL gap per seed, and medians; "
+                   "trains nothing.")
 @click.option("--plot-only", is_flag=True,
               help="Redraw plateau<tag>.png and the table from --out's JSON lines, no training.")
 def main(datasets, sides, init, steps, after_target, target_override, eval_every, batch,
          n_train, n_test, lr, adam_epsilon, lam, tol, gradient, threads, seed, quick, out, tag,
-         plot_only):
+         across_tags, plot_only):
     """Train keras-rnode and the PyTorch reference side by side; NLL vs steps and time."""
-    if plot_only:
-        return replot(Path(out), tag, [d for d in datasets.split(",") if d])
-    if quick:
-        datasets, steps, eval_every, n_train, n_test = "8gaussians", 4, 2, 4096, 500
     names = [d for d in datasets.split(",") if d]
+    if across_tags is not None:
+        return click.echo(across(Path(out), across_tags.split(","), names))
+    if plot_only:
+        return replot(Path(out), tag, names)
+    if quick:
+        names, steps, eval_every, n_train, n_test = ["8gaussians"], 4, 2, 4096, 500
     sides = tuple(s for s in sides.split(",") if s)
     if not set(sides) <= set(SIDES):
         raise click.BadParameter(f"sides must be among {SIDES}", param_hint="--sides")

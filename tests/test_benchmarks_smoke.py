@@ -252,7 +252,7 @@ def test_plateau_lists_its_options():
     result = CliRunner().invoke(load("plateau").main, ["--help"])
     assert result.exit_code == 0, result.output
     for option in ("--datasets", "--sides", "--init", "--steps", "--eval-every", "--quick",
-                   "--out", "--plot-only"):
+                   "--out", "--plot-only", "--across"):
         assert option in result.output
 
 
@@ -274,3 +274,33 @@ def test_plateau_quick_run_writes_records_and_figure(tmp_path):
     summary = rows[-1]["summary"]
     assert summary["target"] == 3.0 and set(summary["sides"]) == {"keras", "torch"}
     assert (tmp_path / "plateau.png").stat().st_size > 10_000
+
+
+def test_plateau_across_seeds_reads_steps_ratios_and_the_paired_gap(tmp_path):
+    import json
+
+    def write(tag, seed, keras, torch):
+        rows = [{"config": {"seed": seed, "targets": {"8gaussians": 3.0}}}]
+        for side, curve in (("keras", keras), ("torch", torch)):
+            rows += [{"side": side, "step": 100 * i, "nll": nll, "wall_s": 10.0 * i,
+                      "cpu_s": 8.0 * i} for i, nll in enumerate(curve)]
+        (tmp_path / f"plateau{tag}_8gaussians.jsonl").write_text(
+            "\n".join(json.dumps(r) for r in rows) + "\n")
+
+    # keras reaches 3.0 at step 200 with 20 s (wall), torch at 300 with 30 s;
+    # shared evaluations 100, 200: (3.5 - 3.7 + 2.9 - 3.2) / 2 = -0.25 nats
+    write("", 0, [5.0, 3.5, 2.9], [5.0, 3.7, 3.2, 2.95])
+    # seeds where keras never gets there, and then neither side: gaps +0.125, +0.2
+    write("_s1", 1, [5.0, 3.6, 3.1], [5.0, 3.5, 2.95])
+    write("_s2", 2, [5.0, 3.6, 3.4], [5.0, 3.5, 3.1])
+    result = CliRunner().invoke(load("plateau").main,
+                                ["--across", ",_s1,_s2,_missing", "--datasets", "8gaussians",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "| 8gaussians | 0 | 200 | 300 | 0.67x | 0.67x | 0.67x | -0.250 |" in lines
+    assert "| 8gaussians | 1 | not reached | 200 | not reached | not reached | not reached " \
+        "| +0.125 |" in lines
+    assert "| 8gaussians | 2 | not reached | not reached | - | - | - | +0.200 |" in lines
+    # a miss counts as infinitely many steps: the median of 200, inf, inf is a miss
+    assert "| 8gaussians | median | not reached | 300 | - | - | - | +0.125 |" in lines
