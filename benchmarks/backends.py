@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 from _timing import DEFAULT_RESULTS, common_options, publish  # noqa: E402
+from diffrax_cnf import diffrax_step  # noqa: E402
 
 HEADING = ("## Backends: one training step on TensorFlow, JAX and PyTorch; JAX against "
            "diffrax (issue 6), gradient={}")
@@ -72,66 +73,6 @@ def _build(gradient, batch, tol, weights_path):
     return model, cnf, x
 
 
-def _diffrax_step(cnf, x, tol, adjoint):
-    """A jitted (loss, grads) step of the same CNF written with diffrax."""
-    import diffrax
-    import jax
-    import jax.numpy as jnp
-
-    net = cnf.dynamics
-    # Copies: Keras's JAX trainer donates the variables' buffers to its step.
-    params = [jnp.array(np.asarray(v.value)) for v in net.trainable_variables]
-    frozen = [jnp.array(np.asarray(v.value)) for v in net.non_trainable_variables]
-    basis = [jnp.zeros_like(x).at[:, i].set(1.0) for i in range(x.shape[1])]
-
-    def vector_field(t, state, params):
-        z = state[0]
-
-        def f(z_):
-            return net.stateless_call(params, frozen, t, z_)[0]
-
-        out, columns = None, []
-        for e in basis:
-            out, jv = jax.jvp(f, (z,), (e,))
-            columns.append(jv)
-        trace = sum(c[:, i] for i, c in enumerate(columns))
-        kinetic = 0.5 * jnp.mean(out ** 2, axis=1)
-        frobenius = sum(jnp.sum(c ** 2, axis=1) for c in columns) / len(columns)
-        return (out, -trace, kinetic, frobenius)
-
-    def norm(error):
-        if isinstance(error[0], tuple):
-            # BacksolveAdjoint's backward state (y, a_y, a_params, ...): y and
-            # its adjoint steer, the parameters' adjoint not (as in ours).
-            leaves = jax.tree_util.tree_leaves(error[:2])
-        else:  # z and log p steer the steps, as in ours
-            leaves = [error[0], error[1]]
-        sq = sum(jnp.sum(v ** 2) for v in leaves)
-        return jnp.sqrt(sq / sum(v.size for v in leaves))
-
-    zeros = jnp.zeros(x.shape[0], x.dtype)
-
-    def loss(params):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vector_field), diffrax.Dopri5(), 0.0, 1.0, None,
-            (jnp.asarray(x), zeros, zeros, zeros), args=params,
-            stepsize_controller=diffrax.PIDController(rtol=tol, atol=tol, norm=norm),
-            adjoint=adjoint, max_steps=1000)
-        z, dlogp, kinetic, frobenius = (v[-1] for v in sol.ys)
-        log_p = -0.5 * jnp.sum(z ** 2, axis=1) - jnp.log(2 * jnp.pi) - dlogp
-        value = -jnp.mean(log_p) + 0.01 * jnp.mean(kinetic) + 0.01 * jnp.mean(frobenius)
-        return value, sol.stats["num_steps"]
-
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-
-    def run():
-        (value, steps), grads = step(params)
-        jax.block_until_ready(grads)
-        return float(value), int(steps)
-
-    return run
-
-
 def worker(backend, gradient, batch, tol, weights_path):
     variants = {}
     model, cnf, x = _build(gradient, batch, tol, weights_path)
@@ -146,7 +87,7 @@ def worker(backend, gradient, batch, tol, weights_path):
 
         adjoint = (diffrax.RecursiveCheckpointAdjoint() if gradient == "direct"
                    else diffrax.BacksolveAdjoint())
-        variants["diffrax"] = _diffrax_step(cnf, x, tol, adjoint)
+        variants["diffrax"] = diffrax_step(cnf.dynamics, x, tol, "exact", adjoint)
     info = {}
     for name, fn in variants.items():
         start = time.perf_counter()

@@ -132,7 +132,10 @@ def jax_worker(quick, deadline):
              ms=round(ms, 2), nfe=nfe, nfe_bwd=None, ms_per_eval=round(ms / nfe, 3),
              loss=round(float(logs["loss"]), 5), gradient="direct")
         try:
-            first, ms, (loss, steps) = timed(diffrax_step(cnf, x), size["repeats"])
+            from diffrax_cnf import diffrax_step
+
+            first, ms, (loss, steps) = timed(diffrax_step(cnf.dynamics, x, trace="hutchinson"),
+                                             size["repeats"])
             nfe = 6 * steps + 1
             emit(kind="toy", impl="diffrax (JAX, jit)", batch=batch, first_s=round(first, 2),
                  ms=round(ms, 2), nfe=nfe, nfe_bwd=None, ms_per_eval=round(ms / nfe, 3),
@@ -149,68 +152,6 @@ def jax_worker(quick, deadline):
         emit(kind="skipped", part="digits", why=one_line(err))
     except Exception as err:  # noqa: BLE001 - reported in the table
         emit(kind="failed", part="digits", error=one_line(err))
-
-
-def diffrax_step(cnf, x):
-    """A jitted (loss, steps) and gradient of the same CNF written with diffrax.
-
-    The dynamics are our network itself, called through Keras's
-    stateless_call with its weights (copies), so both solve the same ODE
-    from the same start. Augmented state (z, delta_logp, kinetic,
-    jacobian); one Gaussian Hutchinson probe per sample, fixed for the
-    solve, and one jvp gives tr(J) ~ eps.(J eps) and ||J eps||^2; Dopri5
-    with a PID controller at 1e-5 whose norm sees z and delta_logp only;
-    gradient by RecursiveCheckpointAdjoint (backpropagation through the
-    steps, the counterpart of our direct gradient). No optimizer update.
-    """
-    import diffrax
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    net = cnf.dynamics
-    params = [jnp.array(np.asarray(v.value)) for v in net.trainable_variables]
-    frozen = [jnp.array(np.asarray(v.value)) for v in net.non_trainable_variables]
-    x = jnp.asarray(x)
-    eps = jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype)
-
-    def field(t, state, args):
-        weights, probe = args
-
-        def f(z):
-            return net.stateless_call(weights, frozen, t, z)[0]
-
-        out, jv = jax.jvp(f, (state[0],), (probe,))
-        return (out, -jnp.sum(probe * jv, axis=1), 0.5 * jnp.mean(out ** 2, axis=1),
-                jnp.mean(jv ** 2, axis=1))
-
-    def rms_of_z_and_logp(error):
-        leaves = [error[0], error[1]]
-        return jnp.sqrt(sum(jnp.sum(v ** 2) for v in leaves) / sum(v.size for v in leaves))
-
-    zeros = jnp.zeros(x.shape[0], x.dtype)
-    t0, t1 = jnp.zeros((), x.dtype), jnp.ones((), x.dtype)
-
-    def loss(weights):
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field), diffrax.Dopri5(), t0, t1, None,
-            (x, zeros, zeros, zeros), args=(weights, eps),
-            stepsize_controller=diffrax.PIDController(rtol=1e-5, atol=1e-5,
-                                                      norm=rms_of_z_and_logp),
-            adjoint=diffrax.RecursiveCheckpointAdjoint(), max_steps=1000)
-        z, delta, kinetic, jacobian = (v[-1] for v in sol.ys)
-        log_p = -0.5 * jnp.sum(z ** 2, axis=1) - jnp.log(2 * jnp.pi) - delta
-        value = -jnp.mean(log_p) + 0.01 * jnp.mean(kinetic) + 0.01 * jnp.mean(jacobian)
-        return value, sol.stats["num_steps"]
-
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-
-    def run():
-        (value, steps), grads = step(params)
-        jax.block_until_ready(grads)
-        return float(value), int(steps)
-
-    return run
 
 
 def mnist_step(size, backend, deadline):

@@ -217,6 +217,43 @@ def test_conditional_quick_run_writes_its_section(tmp_path):
     assert text.count("| 2 |") == 1 and text.count("| 4 |") == 1
 
 
+DIFFRAX_AGAINST_OURS = """
+import sys
+sys.path.insert(0, "benchmarks")
+import keras, numpy as np
+import keras_rnode as kr
+from keras_rnode.datasets import toy
+from diffrax_cnf import diffrax_step
+x = toy("8gaussians", 256, seed=0)
+cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(16, 16)), trace="exact")
+model = kr.RNODE([cnf], kinetic=0.01, jacobian=0.01)
+model.build(x.shape)
+rng = np.random.default_rng(0)
+for v in cnf.dynamics.trainable_variables:  # nothing zeroed: a flow that moves
+    v.assign(rng.normal(0, 0.3, v.shape).astype("float32"))
+model.compile(optimizer=keras.optimizers.SGD(0.0))
+print(float(model.train_on_batch(x, return_dict=True)["loss"]),
+      diffrax_step(cnf.dynamics, x, trace="exact")()[0],
+      diffrax_step(cnf.dynamics, x, trace="hutchinson")()[0])
+"""
+
+
+@pytest.mark.slow
+def test_the_diffrax_peer_solves_our_cnf_to_our_loss():
+    """benchmarks/diffrax_cnf.py, the peer of backends.py and gpu_bench.py, is the same
+    problem: its exact-trace loss is ours at the same weights, its Hutchinson one close."""
+    import os
+
+    pytest.importorskip("diffrax")
+    proc = subprocess.run([sys.executable, "-c", DIFFRAX_AGAINST_OURS], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, KERAS_BACKEND="jax"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, exact, hutchinson = map(float, proc.stdout.split()[-3:])
+    assert abs(exact - ours) <= 1e-5 * abs(ours)
+    assert abs(hutchinson - ours) < 0.05
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu.sh --cpu --quick (JAX on the CPU, tiny sizes): every part of the GPU
