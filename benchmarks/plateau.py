@@ -32,7 +32,8 @@ benchmarks/results/plateau.png (NLL against steps and against training
 time, NFE against steps). Run `python benchmarks/plateau.py --help`;
 `--quick` is a smoke run (a few steps, written to --out); `--across
 ,_s1,_s2` tabulates recorded seeds (steps to target, time ratios, the
-paired NLL gap) and their medians.
+paired NLL gap) and their medians, and draws them all into
+plateau_across.png.
 """
 
 import json
@@ -379,6 +380,7 @@ def across(out, tags, names):
              "| CPU ratio | NLL gap keras - torch [nats] |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     steps, ratio = (lambda v: f"{v:.0f}"), (lambda v: f"{v:.2f}x")
+    curves = {}
     for dataset in names:
         table_rows = []
         for tag in tags:
@@ -387,6 +389,7 @@ def across(out, tags, names):
                 continue
             rows = [json.loads(line) for line in path.open()]
             config = rows[0]["config"]
+            curves.setdefault(dataset, []).append((config["seed"], rows))
             first = {}
             for r in rows:
                 if "side" in r and r["nll"] <= config["targets"][dataset]:
@@ -403,7 +406,41 @@ def across(out, tags, names):
             lines.append(f"| {dataset} | {seed} | {cell(ks, steps)} | {cell(ts, steps)} "
                          f"| {cell(sr, ratio)} | {cell(wr, ratio)} | {cell(cr, ratio)} "
                          f"| {gap:+.3f} |")
-    return "\n".join(lines)
+    return "\n".join(lines), curves
+
+
+def plot_across(curves, path):
+    """Held-out NLL against steps and against CPU time, every recorded seed, both sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"keras": "tab:blue", "torch": "tab:orange"}
+    labels = {"keras": "keras-rnode", "torch": "PyTorch reference"}
+    fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3.8 * len(curves)), squeeze=False)
+    for row, (dataset, runs) in zip(axes, curves.items()):
+        target = runs[0][1][0]["config"]["targets"][dataset]
+        for seed, rows in runs:
+            for side in SIDES:
+                rec = [r for r in rows if r.get("side") == side and r["step"] > 0]
+                label = f"{labels[side]}" if seed == runs[0][0] else None
+                row[0].plot([r["step"] for r in rec], [r["nll"] for r in rec], lw=1,
+                            color=colors[side], alpha=0.8, label=label)
+                row[1].plot([r["cpu_s"] for r in rec], [r["nll"] for r in rec], lw=1,
+                            color=colors[side], alpha=0.8, label=label)
+        seeds = ", ".join(str(seed) for seed, _ in runs)
+        top = max(r["nll"] for _, rows in runs for r in rows if r.get("step", 0) > 0)
+        for ax, xlabel in zip(row, ("training steps", "training CPU time [s]")):
+            ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:g}")
+            ax.set_ylim(target - 0.25, min(top + 0.05, target + 1.5))
+            ax.set(xlabel=xlabel, ylabel="held-out NLL [nats]",
+                   title=f"{dataset}, seeds {seeds}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 class _Recorded:
@@ -474,8 +511,8 @@ def replot(out, tag, names):
 @click.option("--tag", default="", help="Suffix for the output names (plateau<tag>_...).")
 @click.option("--across", "across_tags", default=None,
               help="Comma-separated tags of recorded runs (e.g. ',_s1,_s2': seed 0 has none): "
-                   "print steps to target, time ratios and the NLL gap per seed, and medians; "
-                   "trains nothing.")
+                   "print steps to target, time ratios and the NLL gap per seed, and medians, "
+                   "and draw every seed's curves into plateau_across.png; trains nothing.")
 @click.option("--plot-only", is_flag=True,
               help="Redraw plateau<tag>.png and the table from --out's JSON lines, no training.")
 def main(datasets, sides, init, steps, after_target, target_override, eval_every, batch,
@@ -484,7 +521,10 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
     """Train keras-rnode and the PyTorch reference side by side; NLL vs steps and time."""
     names = [d for d in datasets.split(",") if d]
     if across_tags is not None:
-        return click.echo(across(Path(out), across_tags.split(","), names))
+        text, curves = across(Path(out), across_tags.split(","), names)
+        if curves:
+            plot_across(curves, Path(out) / "plateau_across.png")
+        return click.echo(text)
     if plot_only:
         return replot(Path(out), tag, names)
     if quick:

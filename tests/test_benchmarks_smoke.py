@@ -341,3 +341,4 @@ def test_plateau_across_seeds_reads_steps_ratios_and_the_paired_gap(tmp_path):
     assert "| 8gaussians | 2 | not reached | not reached | - | - | - | +0.200 |" in lines
     # a miss counts as infinitely many steps: the median of 200, inf, inf is a miss
     assert "| 8gaussians | median | not reached | 300 | - | - | - | +0.125 |" in lines
+    assert (tmp_path / "plateau_across.png").stat().st_size > 10_000
