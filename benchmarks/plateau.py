@@ -40,6 +40,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -342,7 +343,7 @@ def table(summaries):
             if m["steps_to_target"] is None:
                 reach += " | - | -"
             back = "-" if m["nfe_backward"] is None else f"{m['nfe_backward']:.0f}"
-            lines.append(f"| {s['dataset']} ({s['target']:g}) | {name} | {reach} "
+            lines.append(f"| {s['dataset']} ({s['target']:.2f}) | {name} | {reach} "
                          f"| {m['ms_per_step_wall']:.0f}, {m['ms_per_step_cpu']:.0f} "
                          f"| {m['nfe_forward']:.0f} / {back} | {m['final_nll']:.3f} |")
         if "step_ratio" in s:
@@ -386,7 +387,7 @@ def across(out, tags, names):
         for tag in tags:
             path = out / f"plateau{tag}_{dataset}.jsonl"
             if not path.exists():
-                continue
+                raise click.ClickException(f"no record {path.name} in {out} (tag {tag!r})")
             rows = [json.loads(line) for line in path.open()]
             config = rows[0]["config"]
             curves.setdefault(dataset, []).append((config["seed"], rows))
@@ -398,14 +399,15 @@ def across(out, tags, names):
             k, t = first.get("keras", inf), first.get("torch", inf)
             table_rows.append([config["seed"], k["step"], t["step"]]
                               + [k[key] / t[key] if math.isfinite(t[key]) else math.nan
-                                 for key in ("step", "wall_s", "cpu_s")] + [nll_gap(rows)])
+                                 for key in ("step", "wall_s", "cpu_s")]
+                              + [nll_gap(rows) if nll_gap(rows) is not None else math.nan])
         if len(table_rows) > 1:
             table_rows.append(["median", *np.median(np.array([r[1:] for r in table_rows],
                                                              dtype=float), axis=0)])
         for seed, ks, ts, sr, wr, cr, gap in table_rows:
             lines.append(f"| {dataset} | {seed} | {cell(ks, steps)} | {cell(ts, steps)} "
                          f"| {cell(sr, ratio)} | {cell(wr, ratio)} | {cell(cr, ratio)} "
-                         f"| {gap:+.3f} |")
+                         f"| {cell(gap, '{:+.3f}'.format)} |")
     return "\n".join(lines), curves
 
 
@@ -424,18 +426,21 @@ def plot_across(curves, path):
         for seed, rows in runs:
             for side in SIDES:
                 rec = [r for r in rows if r.get("side") == side and r["step"] > 0]
+                if not rec:
+                    continue
                 label = f"{labels[side]}" if seed == runs[0][0] else None
-                row[0].plot([r["step"] for r in rec], [r["nll"] for r in rec], lw=1,
-                            color=colors[side], alpha=0.8, label=label)
-                row[1].plot([r["cpu_s"] for r in rec], [r["nll"] for r in rec], lw=1,
-                            color=colors[side], alpha=0.8, label=label)
+                for ax, key in zip(row, ("step", "cpu_s")):
+                    xs, ys = [r[key] for r in rec], [r["nll"] for r in rec]
+                    ax.plot(xs, ys, lw=1, color=colors[side], alpha=0.8, label=label)
+                    ax.annotate(str(seed), (xs[-1], ys[-1]), xytext=(3, 2),
+                                textcoords="offset points", fontsize=7, color=colors[side])
         seeds = ", ".join(str(seed) for seed, _ in runs)
         top = max(r["nll"] for _, rows in runs for r in rows if r.get("step", 0) > 0)
         for ax, xlabel in zip(row, ("training steps", "training CPU time [s]")):
             ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:g}")
             ax.set_ylim(target - 0.25, min(top + 0.05, target + 1.5))
             ax.set(xlabel=xlabel, ylabel="held-out NLL [nats]",
-                   title=f"{dataset}, seeds {seeds}")
+                   title=f"{dataset}: seeds {seeds}, each labelled at its end")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -453,7 +458,10 @@ class _Recorded:
 def replot(out, tag, names):
     all_runs, summaries = {}, {}
     for dataset in names:
-        rows = [json.loads(line) for line in (out / f"plateau{tag}_{dataset}.jsonl").open()]
+        path = out / f"plateau{tag}_{dataset}.jsonl"
+        if not path.exists():
+            raise click.ClickException(f"no record {path.name} in {out} (tag {tag!r})")
+        rows = [json.loads(line) for line in path.open()]
         summaries[dataset] = next(r["summary"] for r in rows if "summary" in r)
         sides = {}
         for r in rows:
@@ -462,6 +470,7 @@ def replot(out, tag, names):
         all_runs[dataset] = {k: _Recorded(v) for k, v in sides.items()}
     plot(all_runs, summaries, out / f"plateau{tag}.png")
     click.echo(table(summaries))
+    click.echo(f"records and figure in {out}")
 
 
 @click.command()
@@ -499,20 +508,27 @@ def replot(out, tag, names):
               help="dopri5 rtol = atol, training and evaluation.")
 @click.option("--gradient", default="direct", show_default=True,
               type=click.Choice(["direct", "adjoint"]),
-              help="keras side's gradient (`rnode train`'s default: direct).")
+              help="keras side's gradient (`rnode train`'s default: direct); the "
+                   "reference always uses odeint_adjoint, as the paper's code does.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
               help="TensorFlow and PyTorch threads (0: their defaults; JAX keeps its own).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seeds both sides' weights, the data and the batch order.")
-@click.option("--quick", is_flag=True, help="Smoke run: 8gaussians, 4 steps a side, 2 per evaluation.")
-@click.option("--out", type=click.Path(file_okay=False), default=str(DEFAULT_OUT),
-              show_default=True, help="Folder for plateau<tag>_<dataset>.jsonl and plateau<tag>.png "
-              "(the default holds the committed records: a run there replaces them).")
+@click.option("--quick", is_flag=True,
+              help="Smoke run of about a minute: 8gaussians, 4 steps a side, 2 per evaluation, "
+                   "4096 training and 500 held-out points (overriding those options); it writes "
+                   "to --out like a full run.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for plateau<tag>_<dataset>.jsonl and plateau<tag>.png; default "
+                   "benchmarks/results, which holds the committed records (a full run there "
+                   "replaces them), except for --quick, which defaults to a new temporary "
+                   "folder.")
 @click.option("--tag", default="", help="Suffix for the output names (plateau<tag>_...).")
 @click.option("--across", "across_tags", default=None,
-              help="Comma-separated tags of recorded runs (e.g. ',_s1,_s2': seed 0 has none): "
+              help="Comma-separated tags of recorded runs in --out (e.g. ',_s1,_s2': seed 0's "
+                   "tag is the empty one): "
                    "print steps to target, time ratios and the NLL gap per seed, and medians, "
-                   "and draw every seed's curves into plateau_across.png; trains nothing.")
+                   "and draw every seed's curves into --out's plateau_across.png; trains nothing.")
 @click.option("--plot-only", is_flag=True,
               help="Redraw plateau<tag>.png and the table from --out's JSON lines, no training.")
 def main(datasets, sides, init, steps, after_target, target_override, eval_every, batch,
@@ -520,19 +536,29 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
          across_tags, plot_only):
     """Train keras-rnode and the PyTorch reference side by side; NLL vs steps and time."""
     names = [d for d in datasets.split(",") if d]
+    if out is None:
+        out = tempfile.mkdtemp(prefix="plateau-quick-") if quick else DEFAULT_OUT
+    out = Path(out)
     if across_tags is not None:
-        text, curves = across(Path(out), across_tags.split(","), names)
+        text, curves = across(out, [t.strip() for t in across_tags.split(",")], names)
         if curves:
-            plot_across(curves, Path(out) / "plateau_across.png")
+            plot_across(curves, out / "plateau_across.png")
         return click.echo(text)
     if plot_only:
-        return replot(Path(out), tag, names)
+        return replot(out, tag, names)
     if quick:
         names, steps, eval_every, n_train, n_test = ["8gaussians"], 4, 2, 4096, 500
     sides = tuple(s for s in sides.split(",") if s)
     if not set(sides) <= set(SIDES):
         raise click.BadParameter(f"sides must be among {SIDES}", param_hint="--sides")
-    targets = {d: target_override or TARGETS.get(d) for d in names}
+    from keras_rnode.datasets.toy import TOY_NAMES
+
+    unknown = [d for d in names if d not in TOY_NAMES]
+    if unknown:
+        raise click.BadParameter(f"unknown toy data set(s) {', '.join(unknown)}; valid: "
+                                 f"{', '.join(TOY_NAMES)}", param_hint="--datasets")
+    targets = {d: target_override if target_override is not None else TARGETS.get(d)
+               for d in names}
     if None in targets.values():
         raise click.BadParameter("give --target for data sets without one", param_hint="--target")
     if threads:
@@ -546,7 +572,6 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
                 n_train=n_train, n_test=n_test, lr=lr, adam_epsilon=adam_epsilon, lam=lam, tol=tol,
                 gradient=gradient,
                 seed=seed, sides=sides, init=init, targets=targets)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(args, command=command_line(), machine=machine(), threads=threads,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -563,7 +588,8 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
                 click.echo(f"{row['dataset']:>12} {row['side']:>5} step {row['step']:5d}  "
                            f"nll {row['nll']:.3f}  wall {row['wall_s']:7.1f} s  cpu "
                            f"{row['cpu_s']:7.1f} s  nfe {row['nfe_forward'] or 0:.0f}/"
-                           f"{row['nfe_backward'] or 0:.0f}  eval nfe {row['eval_nfe']}")
+                           f"{'-' if row['nfe_backward'] is None else round(row['nfe_backward'])}"
+                           f"  eval nfe {row['eval_nfe']}")
 
             runs = compare(dataset, args, log)
             summaries[dataset] = summarize(dataset, runs, targets[dataset])
@@ -571,6 +597,7 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
         all_runs[dataset] = runs
     plot(all_runs, summaries, out / f"plateau{tag}.png")
     click.echo(table(summaries))
+    click.echo(f"records and figure in {out}")
 
 
 if __name__ == "__main__":

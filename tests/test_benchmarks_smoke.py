@@ -331,7 +331,7 @@ def test_plateau_across_seeds_reads_steps_ratios_and_the_paired_gap(tmp_path):
     write("_s1", 1, [5.0, 3.6, 3.1], [5.0, 3.5, 2.95])
     write("_s2", 2, [5.0, 3.6, 3.4], [5.0, 3.5, 3.1])
     result = CliRunner().invoke(load("plateau").main,
-                                ["--across", ",_s1,_s2,_missing", "--datasets", "8gaussians",
+                                ["--across", ", _s1,_s2", "--datasets", "8gaussians",
                                  "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -342,3 +342,7 @@ def test_plateau_across_seeds_reads_steps_ratios_and_the_paired_gap(tmp_path):
     # a miss counts as infinitely many steps: the median of 200, inf, inf is a miss
     assert "| 8gaussians | median | not reached | 300 | - | - | - | +0.125 |" in lines
     assert (tmp_path / "plateau_across.png").stat().st_size > 10_000
+
+    missing = CliRunner().invoke(load("plateau").main, ["--across", "_s1,_s9", "--datasets",
+                                                        "8gaussians", "--out", str(tmp_path)])
+    assert missing.exit_code != 0 and "no record plateau_s9_8gaussians.jsonl" in missing.output
