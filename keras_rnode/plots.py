@@ -25,7 +25,8 @@ def _save(plt, fig, axes, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # tight_layout leaves equal-aspect panels' two-line titles outside the canvas
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
