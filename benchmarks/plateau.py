@@ -30,7 +30,7 @@ Records: JSON lines in benchmarks/results/plateau_<dataset>.jsonl (a
 config line, one line per evaluation, a summary line), the figure
 benchmarks/results/plateau.png (NLL against steps and against training
 time, NFE against steps). Run `python benchmarks/plateau.py --help`;
-`--quick` is a smoke run (a few steps, written to --out); `--across
+`--quick` is a smoke run (a few steps, into a temporary folder); `--across
 ,_s1,_s2` tabulates recorded seeds (steps to target, time ratios, the
 paired NLL gap) and their medians, and draws them all into
 plateau_across.png.
@@ -397,10 +397,11 @@ def across(out, tags, names):
                     first.setdefault(r["side"], r)
             inf = {"step": math.inf, "wall_s": math.inf, "cpu_s": math.inf}
             k, t = first.get("keras", inf), first.get("torch", inf)
+            gap = nll_gap(rows)
             table_rows.append([config["seed"], k["step"], t["step"]]
                               + [k[key] / t[key] if math.isfinite(t[key]) else math.nan
                                  for key in ("step", "wall_s", "cpu_s")]
-                              + [nll_gap(rows) if nll_gap(rows) is not None else math.nan])
+                              + [math.nan if gap is None else gap])
         if len(table_rows) > 1:
             table_rows.append(["median", *np.median(np.array([r[1:] for r in table_rows],
                                                              dtype=float), axis=0)])
@@ -428,7 +429,7 @@ def plot_across(curves, path):
                 rec = [r for r in rows if r.get("side") == side and r["step"] > 0]
                 if not rec:
                     continue
-                label = f"{labels[side]}" if seed == runs[0][0] else None
+                label = labels[side] if seed == runs[0][0] else None
                 for ax, key in zip(row, ("step", "cpu_s")):
                     xs, ys = [r[key] for r in rec], [r["nll"] for r in rec]
                     ax.plot(xs, ys, lw=1, color=colors[side], alpha=0.8, label=label)
@@ -516,8 +517,8 @@ def replot(out, tag, names):
               help="Seeds both sides' weights, the data and the batch order.")
 @click.option("--quick", is_flag=True,
               help="Smoke run of about a minute: 8gaussians, 4 steps a side, 2 per evaluation, "
-                   "4096 training and 500 held-out points (overriding those options); it writes "
-                   "to --out like a full run.")
+                   "4096 training and 500 held-out points (overriding those options); written "
+                   "to --out if given, else to a new temporary folder.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder for plateau<tag>_<dataset>.jsonl and plateau<tag>.png; default "
                    "benchmarks/results, which holds the committed records (a full run there "
