@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 TARGETS = {"8gaussians": 3.0, "checkerboard": 3.80}
 SIDES = ("keras", "torch")
+COLORS = {"keras": "tab:blue", "torch": "tab:orange"}  # both figures
 HIDDEN = (64, 64, 64)
 
 # --init (keras side): the package default, or the dense dynamics re-drawn in
@@ -295,7 +296,6 @@ def plot(all_runs, summaries, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"keras": "tab:blue", "torch": "tab:orange"}
     labels = {"keras": "keras-rnode (TF, XLA)", "torch": "PyTorch + torchdiffeq reference"}
     fig, axes = plt.subplots(len(all_runs), 3, figsize=(14, 3.8 * len(all_runs)), squeeze=False)
     for row, (dataset, runs) in zip(axes, all_runs.items()):
@@ -303,17 +303,17 @@ def plot(all_runs, summaries, path):
         for name, run in runs.items():
             rec = run.records
             steps = [r["step"] for r in rec]
-            row[0].plot(steps, [r["nll"] for r in rec], "o-", ms=3, color=colors[name],
+            row[0].plot(steps, [r["nll"] for r in rec], "o-", ms=3, color=COLORS[name],
                         label=labels[name])
             row[1].plot([r["wall_s"] for r in rec], [r["nll"] for r in rec], "o-", ms=3,
-                        color=colors[name], label=f"{labels[name]}, wall")
+                        color=COLORS[name], label=f"{labels[name]}, wall")
             row[1].plot([r["cpu_s"] for r in rec], [r["nll"] for r in rec], ":",
-                        color=colors[name], alpha=0.7, label=f"{labels[name]}, CPU")
+                        color=COLORS[name], alpha=0.7, label=f"{labels[name]}, CPU")
             row[2].plot(steps[1:], [r["nfe_forward"] for r in rec[1:]], "o-", ms=3,
-                        color=colors[name], label=f"{name}, forward")
+                        color=COLORS[name], label=f"{name}, forward")
             if rec[-1]["nfe_backward"] is not None:
                 row[2].plot(steps[1:], [r["nfe_backward"] for r in rec[1:]], "--",
-                            color=colors[name], alpha=0.6, label=f"{name}, backward")
+                            color=COLORS[name], alpha=0.6, label=f"{name}, backward")
         for ax in row[:2]:
             ax.axhline(target, color="grey", lw=0.8, ls=":", label=f"target {target:g}")
             values = [r["nll"] for run in runs.values() for r in run.records]
@@ -352,6 +352,14 @@ def table(summaries):
     return "\n".join(lines)
 
 
+def read_record(out, tag, dataset):
+    """The JSON lines of plateau<tag>_<dataset>.jsonl in `out`; a clear error if it is missing."""
+    path = out / f"plateau{tag}_{dataset}.jsonl"
+    if not path.exists():
+        raise click.ClickException(f"no record {path.name} in {out} (tag {tag!r})")
+    return [json.loads(line) for line in path.open()]
+
+
 def nll_gap(records):
     """Mean held-out NLL, keras minus torch, over the steps both sides evaluated (step 0 left out).
 
@@ -385,10 +393,7 @@ def across(out, tags, names):
     for dataset in names:
         table_rows = []
         for tag in tags:
-            path = out / f"plateau{tag}_{dataset}.jsonl"
-            if not path.exists():
-                raise click.ClickException(f"no record {path.name} in {out} (tag {tag!r})")
-            rows = [json.loads(line) for line in path.open()]
+            rows = read_record(out, tag, dataset)
             config = rows[0]["config"]
             curves.setdefault(dataset, []).append((config["seed"], rows))
             first = {}
@@ -419,7 +424,6 @@ def plot_across(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"keras": "tab:blue", "torch": "tab:orange"}
     labels = {"keras": "keras-rnode", "torch": "PyTorch reference"}
     fig, axes = plt.subplots(len(curves), 2, figsize=(11, 3.8 * len(curves)), squeeze=False)
     for row, (dataset, runs) in zip(axes, curves.items()):
@@ -432,9 +436,9 @@ def plot_across(curves, path):
                 label = labels[side] if seed == runs[0][0] else None
                 for ax, key in zip(row, ("step", "cpu_s")):
                     xs, ys = [r[key] for r in rec], [r["nll"] for r in rec]
-                    ax.plot(xs, ys, lw=1, color=colors[side], alpha=0.8, label=label)
+                    ax.plot(xs, ys, lw=1, color=COLORS[side], alpha=0.8, label=label)
                     ax.annotate(str(seed), (xs[-1], ys[-1]), xytext=(3, 2),
-                                textcoords="offset points", fontsize=7, color=colors[side])
+                                textcoords="offset points", fontsize=7, color=COLORS[side])
         seeds = ", ".join(str(seed) for seed, _ in runs)
         top = max(r["nll"] for _, rows in runs for r in rows if r.get("step", 0) > 0)
         for ax, xlabel in zip(row, ("training steps", "training CPU time [s]")):
@@ -459,10 +463,7 @@ class _Recorded:
 def replot(out, tag, names):
     all_runs, summaries = {}, {}
     for dataset in names:
-        path = out / f"plateau{tag}_{dataset}.jsonl"
-        if not path.exists():
-            raise click.ClickException(f"no record {path.name} in {out} (tag {tag!r})")
-        rows = [json.loads(line) for line in path.open()]
+        rows = read_record(out, tag, dataset)
         summaries[dataset] = next(r["summary"] for r in rows if "summary" in r)
         sides = {}
         for r in rows:

@@ -37,7 +37,6 @@ Run `python benchmarks/rnode_vs_ffjord.py --help`; `--quick` is a smoke run.
 """
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
