@@ -63,6 +63,7 @@ def test_shape_and_identity_at_init(cls):
     assert np.abs(ops.convert_to_numpy(out)).max() > 1e-3
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("cls", NETS)
 def test_first_kernel_starts_at_pytorch_scale(cls):
     # The block reading z starts U(+-1/sqrt(fan_in)) as the paper's PyTorch code
