@@ -93,12 +93,28 @@ def shapes_agree(a, b):
 
 
 def check_finite(x, what="x"):
-    """Raise ValueError when a NumPy array holds NaN or inf, naming the first bad row.
+    """Raise ValueError when an array or eager tensor holds NaN or inf, naming the first bad row.
 
-    Tensors and non-float arrays pass: only concrete data can be checked
-    before it is used.
+    NumPy arrays and tensors whose values are known (eager TensorFlow, JAX
+    outside a trace, PyTorch) are checked; a traced tensor passes, as do
+    non-float data: only concrete data can be checked before it is used.
     """
-    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+    if x is None or isinstance(x, (int, float, str, bytes, list, tuple, dict)):
+        return
+    if not isinstance(x, np.ndarray):
+        import keras  # loaded already: x is a tensor, or a symbol of one
+
+        if not keras.ops.is_tensor(x):
+            return
+        from keras_rnode import backend
+
+        x = backend.static_value(x)
+        if x is None:
+            return
+        x = np.asarray(x)
+        if x.dtype.name == "bfloat16":  # ml_dtypes' type, not a NumPy floating
+            x = x.astype(np.float32)
+    if not np.issubdtype(x.dtype, np.floating) or x.ndim == 0:
         return
     bad = ~np.isfinite(x)
     count = int(bad.sum())

@@ -17,7 +17,7 @@ model's event shape, a `tfp.distributions.TransformedDistribution`.
 The latent. A multiscale model's latent is a list of parts (the channels
 factored out at each scale, then what is left at the last one). Here they
 are one tensor of the model's event shape: each part flattened row-major
-(channels last), the parts concatenated in `model._latent_shapes()` order
+(channels last), the parts concatenated in `model.latent_shapes` order
 (scale 0's factored-out part first, the last scale's part last) and the
 result reshaped to the event shape (`pack`, `unpack`). The base density is the same either
 way, so `log_prob` agrees with the model's; only which entry of z feeds
@@ -78,24 +78,17 @@ from tensorflow_probability.python.internal.cache_util import (  # noqa: E402
     BijectorCacheWithGreedyAttrs,
 )
 
-from keras_rnode.layers.squeeze import unsqueeze  # noqa: E402
-from keras_rnode.models.multiscale import MultiscaleRNODE  # noqa: E402
-from keras_rnode.models.rnode import RNODE  # noqa: E402
-
 __all__ = ["RNODEBijector", "as_distribution"]
 
-
 def check_model(model):
-    """Raise unless `model` is a built, unconditional RNODE whose blocks this module can walk.
+    """Raise unless `model` is a built, unconditional RNODE (anything with its surface).
 
-    TypeError: not an RNODE, or a subclass with its own arrangement of
-    blocks. ValueError: not built, or conditional.
+    TypeError: no `encode`/`decode`/`latent_shapes` (not an RNODE).
+    ValueError: not built, or conditional.
     """
-    if not isinstance(model, RNODE):
-        raise TypeError(f"expected a keras_rnode.RNODE, got {type(model).__name__}")
-    if type(model)._inverse not in (RNODE._inverse, MultiscaleRNODE._inverse):
-        raise TypeError(f"{type(model).__name__} arranges its blocks its own way; the bijector "
-                        "knows RNODE's and MultiscaleRNODE's")
+    if not all(hasattr(type(model), name) for name in ("encode", "decode", "latent_shapes")):
+        raise TypeError(f"expected a keras_rnode.RNODE (a model with encode, decode and "
+                        f"latent_shapes), got {type(model).__name__}")
     if not model.built:
         raise ValueError("the model must be built (called on data, or trained) before it "
                          "can be a distribution: its event shape is not known yet")
@@ -116,33 +109,6 @@ def unpack(z, shapes):
     sizes = [math.prod(shape) for shape in shapes]
     parts = tf.split(tf.reshape(z, (-1, sum(sizes))), sizes, axis=1)
     return [tf.reshape(part, (-1, *shape)) for part, shape in zip(parts, shapes)]
-
-
-def flow_back_with_delta(blocks, z):
-    """z back through CNF blocks in reverse order, with the sum of their delta_logp."""
-    delta = 0.0
-    for block in reversed(blocks):
-        z, d = block.inverse(z)
-        delta += d
-    return z, delta
-
-
-def decode(model, latents):
-    """Latent parts -> (x before the logit transform, summed delta_logp of the solves).
-
-    `model._inverse`'s walk, keeping each block's delta_logp (the change of
-    log-density the forward solve would report), which `_inverse` drops.
-    """
-    if not isinstance(model, MultiscaleRNODE):
-        return flow_back_with_delta(model.blocks, latents[0])
-    x, delta = latents[-1], 0.0
-    for i, (before, after) in reversed(list(enumerate(model._plan()))):
-        if after is not None:
-            x, d = flow_back_with_delta(after, tf.concat([x, latents[i]], axis=-1))
-            x, delta = unsqueeze(x), delta + d
-        x, d = flow_back_with_delta(before, x)
-        delta += d
-    return x, delta
 
 
 class RNODEBijector(tfp.bijectors.AutoCompositeTensorBijector):
@@ -184,7 +150,7 @@ class RNODEBijector(tfp.bijectors.AutoCompositeTensorBijector):
         check_model(model)
         self._model = model
         super().__init__(forward_min_event_ndims=len(model.event_shape),
-                         dtype=tf.as_dtype(model.compute_dtype), validate_args=validate_args,
+                         dtype=tf.as_dtype(model.state_dtype), validate_args=validate_args,
                          parameters=parameters, name=name)
 
     @classmethod
@@ -207,16 +173,13 @@ class RNODEBijector(tfp.bijectors.AutoCompositeTensorBijector):
 
     def _forward_and_log_det(self, z):
         flat, batch = self._rows(z, "forward")
-        x, logdet = decode(self._model, unpack(flat, self._model._latent_shapes()))
-        if self._model.logit is not None:
-            x, logit_logdet = self._model.logit.inverse(x)
-            logdet += logit_logdet
+        x, logdet = self._model.decode(unpack(flat, self._model.latent_shapes))
         logdet = tf.reshape(logdet, batch)
         return tf.reshape(x, tf.shape(z)), {"fldj": logdet, "ildj": -logdet}
 
     def _inverse_and_log_det(self, x):
         flat, batch = self._rows(x, "inverse")
-        latents, logdet, _, _ = self._model._encode(flat)
+        latents, logdet, _ = self._model.encode(flat)
         z, logdet = pack(latents), tf.reshape(logdet, batch)
         return tf.reshape(z, tf.shape(x)), {"ildj": logdet, "fldj": -logdet}
 
@@ -240,7 +203,7 @@ class RNODEBijector(tfp.bijectors.AutoCompositeTensorBijector):
         if len(shape) < k or any(s is not None and s != e for s, e in zip(shape[-k:], event)):
             raise ValueError(f"{self.name}.{direction} takes (*batch, *{event}), the model's "
                              f"event shape last; got shape {shape}")
-        flat = tf.reshape(tf.cast(t, self._model.compute_dtype), (-1, *event))
+        flat = tf.reshape(tf.cast(t, self._model.state_dtype), (-1, *event))
         return flat, tf.shape(t)[:len(shape) - k]
 
 

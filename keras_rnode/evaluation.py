@@ -22,8 +22,8 @@ def _eval_fn(model, midpoint):
     key = (midpoint, *((b.eval_trace, b.eval_probes, b.eval_solver) for b in model.blocks))
     if key not in fns:
         def fn(x, context=None):
-            return model._flow(x, context, False, False, deterministic=midpoint or None,
-                               per_probe=True)[0]
+            # NaN for a batch whose solve failed: its status is read below.
+            return model.log_prob(x, context, midpoint=midpoint, per_probe=True, strict=False)
 
         shapes = [(None, *model.event_shape)]
         if model.conditional:

@@ -28,8 +28,11 @@ here both are the forward products their names describe.
     import keras_rnode as kr
 
     @kr.regularizers.register("speed")          # returns fn: a decorator
-    def speed(inputs):
+    def speed(inputs):                           # (batch,): |f| per sample
         return keras.ops.sqrt(keras.ops.sum(keras.ops.square(inputs.f), axis=-1))
+
+(`event_mean` here averages over the event axes in the input's dtype,
+which `keras.ops.mean` does not for float64 off TensorFlow.)
 
     model = kr.RNODE([cnf], regularizers={"kinetic": 0.01, "speed": 0.1})
 
@@ -88,7 +91,8 @@ def jacobian(inputs):
     """||J||_F^2 / D: exact from the exact trace's rows, else mean (eps^T J)^2 (RNODE eq. 10)."""
     from keras import ops
 
-    return ops.sum(event_mean(ops.square(inputs.trace_products)), axis=0)
+    products = inputs.trace_products
+    return ops.sum(ops.square(products), axis=(0, 2)) / products.shape[-1]
 
 
 def directional(inputs):
@@ -160,5 +164,4 @@ def weights(regularizers):
                          f"{type(regularizers).__name__}")
     for name in regularizers:
         get(name)
-    return {name: checks.non_negative(w, f"the weight of {name!r}")
-            for name, w in regularizers.items()}
+    return {name: checks.non_negative(w, name) for name, w in regularizers.items()}

@@ -5,7 +5,8 @@ names, each defined by every backend module (tensorflow.py, jax.py,
 torch.py), or taken by it from the shared defaults (common.py): a solve
 whose gradient we define ourselves, a vector-Jacobian product with
 respect to states and parameters, the Jacobian product of the Hutchinson
-estimator, the recorder that keeps the accepted steps for the direct
+estimator, a forward-mode (Jacobian-vector) product for the penalties
+that need one, the recorder that keeps the accepted steps for the direct
 gradient, a compiled inference function, a dtype-keeping matmul, a
 tensor's value where it is known while tracing, and the SavedModel
 endpoints an export can write.
@@ -33,6 +34,7 @@ else:
 differentiable_solve = implementation.differentiable_solve
 inference_function = implementation.inference_function
 jacobian_product = implementation.jacobian_product
+jvp = implementation.jvp
 matmul = implementation.matmul
 recorder_new = implementation.recorder_new
 recorder_read = implementation.recorder_read
@@ -71,6 +73,7 @@ __all__ = [
     "differentiable_solve",
     "inference_function",
     "jacobian_product",
+    "jvp",
     "matmul",
     "recorder_new",
     "recorder_read",

@@ -63,6 +63,11 @@ def jacobian_product(fn, z, v):
     return jax.jvp(fn, (z,), (v,))
 
 
+def jvp(fn, primals, tangents):
+    """(fn(*primals), J tangents): one forward-mode product."""
+    return jax.jvp(fn, tuple(primals), tuple(tangents))
+
+
 def vjp(fn, primals, params, cotangents):
     """fn(primals, params) -> outputs (a list); returns (outputs, grads_primals, grads_params)."""
     outputs, pullback = jax.vjp(fn, list(primals), list(params))

@@ -86,6 +86,26 @@ def jacobian_product(fn, z, v):
     return f, tape.gradient(f, z, output_gradients=v)
 
 
+def jvp(fn, primals, tangents):
+    """(fn(*primals), J tangents): a forward-mode product by two reverse-mode ones.
+
+    J v = d/du <J^T u, v>, J^T u being linear in a dummy cotangent u; a
+    ForwardAccumulator would make XLA treat every input as a compile-time
+    constant inside the solver's loop (see `jacobian_product`).
+    """
+    with tf.GradientTape(watch_accessed_variables=False) as outer:
+        with tf.GradientTape(watch_accessed_variables=False) as inner:
+            inner.watch(primals)
+            out = fn(*primals)
+        u = tf.zeros_like(out)
+        outer.watch(u)
+        pulled = inner.gradient(out, primals, output_gradients=u,
+                                unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    product = outer.gradient(pulled, u, output_gradients=list(tangents),
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return out, product
+
+
 def vjp(fn, primals, params, cotangents):
     """fn(primals, params) -> outputs (a list); returns (outputs, grads_primals, grads_params)."""
     with tf.GradientTape(watch_accessed_variables=False) as tape:

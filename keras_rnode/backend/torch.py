@@ -102,6 +102,31 @@ def jacobian_product(fn, z, v):
     return f, w
 
 
+def jvp(fn, primals, tangents):
+    """(fn(*primals), J tangents): a forward-mode product by two reverse-mode ones.
+
+    J v = d/du <J^T u, v> with a dummy cotangent u (torch.func's forward mode
+    does not compose with Keras's module hooks; see `jacobian_product`).
+    The graph is kept only when an outer gradient will need it.
+    """
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        primals = [p if p.requires_grad else p.detach().requires_grad_() for p in primals]
+        out = fn(*primals)
+        u = torch.zeros_like(out, requires_grad=True)
+        pulled = torch.autograd.grad(out, primals, u, create_graph=True, allow_unused=True)
+        live = [(g, v) for g, v in zip(pulled, tangents) if g is not None and g.requires_grad]
+        if live:
+            (product,) = torch.autograd.grad([g for g, _ in live], u, [v for _, v in live],
+                                             create_graph=outer, allow_unused=True)
+        else:
+            product = None
+    product = torch.zeros_like(out) if product is None else product
+    if not outer:
+        return out.detach(), product.detach()
+    return out, product
+
+
 def vjp(fn, primals, params, cotangents):
     """fn(primals, params) -> outputs (a list); returns (outputs, grads_primals, grads_params)."""
     with torch.enable_grad():

@@ -3,16 +3,23 @@
 Augmented state (DESIGN.md section 2), integrated from t = 0 to T:
     z           dz/dt = f(t, z)
     delta_logp  d/dt  = -tr(df/dz)
-    kinetic     d/dt  = 0.5 * mean over event dims of f^2      (training only)
-    jacobian    d/dt  = mean over event dims of (J eps)^2       (training only)
+    a penalty   d/dt  = fn(inputs), for each penalty asked for by name
+                        (`keras_rnode.regularizers`: kinetic, jacobian, ...)
 so that log p(x) = log N(z(T); 0, I) - delta_logp(T). Only z and
 delta_logp steer the step size.
+
+Under a mixed precision policy (`keras.mixed_precision`) the dynamics
+compute in the policy's dtype, but the augmented state, the error estimate
+and the step control stay in the variable dtype (float32): a solve at 1e-5
+cannot be controlled in float16, whose resolution is 1e-3.
 """
+
+from typing import NamedTuple
 
 import keras
 from keras import ops
 
-from keras_rnode import checks
+from keras_rnode import backend, checks, regularizers
 from keras_rnode.layers import divergence
 from keras_rnode.layers.dynamics import validate_dynamics_output
 from keras_rnode.solvers.odeint import odeint
@@ -28,6 +35,17 @@ from keras_rnode.solvers.settings import (
 STAT_NAMES = ("nfe", "accepted", "rejected", "status", "backward_nfe")
 EVALUATION_SEED = 20200714  # of the evaluation probes of a CNF made without a seed
 DEFAULT_GRADIENT = "direct"  # see the class docstring: why, and when not
+# The penalties `regularize=True` asks for (the shorthand of RNODE's own two).
+RNODE_PENALTIES = ("kinetic", "jacobian")
+
+
+class FlowOutput(NamedTuple):
+    """What a CNF block returns: z (x's shape), delta_logp (batch,) and the penalties
+    asked for, a dict name -> (batch,) integral over the block's time interval."""
+
+    z: object
+    delta_logp: object
+    penalties: dict
 
 
 @keras.saving.register_keras_serializable(package="keras_rnode")
@@ -70,11 +88,15 @@ class CNF(keras.layers.Layer):
 
     Raises ValueError, prefixed with the layer's name, for a bad setting.
 
-    Call: `cnf(x, context=None, training=None, regularize=False)` returns
-    (z, delta_logp); with regularize=True and training, (z, delta_logp,
-    kinetic, jacobian), each per sample. `cnf.inverse(z, context=None)`
-    returns (x, delta_logp) with the same meaning. `cnf.stats` holds the
-    last solve's statistics.
+    Call: `cnf(x, context=None, training=None, penalties=())` returns a
+    `FlowOutput(z, delta_logp, penalties)`: z of x's shape, delta_logp
+    (batch,) in nats, and for each penalty named in `penalties` (see
+    `keras_rnode.regularizers`) its per-sample integral over [0, T]
+    (`regularize=True` in training is penalties=("kinetic", "jacobian")).
+    `cnf.inverse(z, context=None)` returns a FlowOutput (x, delta_logp, {})
+    with the same meaning of delta_logp. `cnf.velocity(t, z, context=None)`
+    is the checked dynamics, dz/dt. `cnf.stats` holds the last solve's
+    statistics.
 
     Conditional flows: dynamics with a `context_dim` (the squash nets built
     with one) are called as dynamics(t, z, context); `context` is then a
@@ -87,6 +109,9 @@ class CNF(keras.layers.Layer):
                  eval_solver=None, **kwargs):
         train_options = split_options(kwargs)
         eval_options = split_options(kwargs, "eval_")
+        # The solve is the variable dtype's (float32 under a mixed policy): Keras must
+        # not cast its input, nor sqrt_end_time, to the policy's compute dtype.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if not callable(dynamics):
             raise ValueError(f"{self.name}: dynamics must be a Keras layer called as "
@@ -123,10 +148,10 @@ class CNF(keras.layers.Layer):
         if len(input_shape) < 2:
             raise ValueError(f"{self.name}: input must be (batch, *event_shape), got "
                              f"shape {tuple(input_shape)}")
-        z = ops.zeros((1, *input_shape[1:]), self.compute_dtype)
-        context = ops.zeros((1, self.context_dim), self.compute_dtype) if self.conditional \
+        z = ops.zeros((1, *input_shape[1:]), self.state_dtype)
+        context = ops.zeros((1, self.context_dim), self.state_dtype) if self.conditional \
             else None
-        self._call_dynamics(ops.zeros((), self.compute_dtype), z, context)
+        self._call_dynamics(ops.zeros((), self.state_dtype), z, context)
         if self.train_T:
             # Not keras.initializers.Constant: it casts through float32.
             self.sqrt_T = self.add_weight(
@@ -152,22 +177,49 @@ class CNF(keras.layers.Layer):
         """T: a number, or with train_T a scalar tensor (s^2, s the trained weight)."""
         return ops.square(self.sqrt_T) if self.train_T else self.T
 
-    def call(self, x, context=None, training=None, regularize=False, probes=None,
-             per_probe=False):
-        """(z, delta_logp), or in training with regularize (..., kinetic, jacobian).
+    def call(self, x, context=None, training=None, penalties=(), regularize=False,
+             probes=None, per_probe=False, solve_as=None):
+        """A FlowOutput(z, delta_logp, penalties) of x at t = 0 carried to t = T.
 
-        At evaluation with Hutchinson's trace `probes` (default eval_probes)
-        probes are averaged per sample; with per_probe=True delta_logp is
-        (probes, batch), one row per probe, for the estimate's spread.
+        `penalties`: names of registered penalties to integrate beside the
+        flow. The solver and trace are the training ones when training, else
+        the evaluation ones; solve_as="training" takes the training solver
+        and trace outside training (Hutchinson's probes then come from the
+        evaluation seed, so the result is deterministic). At evaluation with
+        Hutchinson's trace `probes` (default eval_probes) probes are averaged
+        per sample; with per_probe=True delta_logp is (probes, batch), one
+        row per probe, for the estimate's spread.
         """
-        regularize = bool(training and regularize)
-        return self._solve(x, context, 0.0, self.end_time, training, regularize,
-                           probes, per_probe)
+        if regularize and training:
+            penalties = tuple(dict.fromkeys((*RNODE_PENALTIES, *penalties)))
+        if solve_as not in (None, "training", "evaluation"):
+            raise ValueError(f"{self.name}: solve_as must be None, 'training' or "
+                             f"'evaluation', got {solve_as!r}")
+        settings = "training" if training else "evaluation"
+        return self._solve(x, context, 0.0, self.end_time, solve_as or settings,
+                           bool(training), tuple(penalties), probes, per_probe)
 
     def inverse(self, z, context=None, training=None):
-        """z at t = T back to x at t = 0; returns (x, delta_logp) as forward would."""
-        x, negative = self._solve(z, context, self.end_time, 0.0, training, False, probes=1)
-        return x, -negative
+        """z at t = T back to x at t = 0: a FlowOutput (x, delta_logp, {}), delta_logp the
+        change of log-density the forward solve from x would report."""
+        x, negative, _ = self._solve(z, context, self.end_time, 0.0,
+                                     "training" if training else "evaluation", bool(training),
+                                     (), probes=1)
+        return FlowOutput(x, -negative, {})
+
+    def velocity(self, t, z, context=None):
+        """dz/dt = f(t, z) (or f(t, z, context)), checked to have z's shape, in the state's
+        dtype (float32 under a mixed policy, whatever the dynamics compute in)."""
+        z = ops.cast(ops.convert_to_tensor(z), self.state_dtype)
+        if not self.built:
+            self.build(z.shape)
+        context = self._checked_context(context, z)
+        return self._call_dynamics(ops.convert_to_tensor(t, self.state_dtype), z, context)
+
+    @property
+    def state_dtype(self):
+        """The dtype of the solve's state: the variable dtype, float32 under a mixed policy."""
+        return keras.backend.standardize_dtype(self.dtype_policy.variable_dtype)
 
     def set_evaluation(self, trace=None, probes=None, **solver):
         """Change how this block evaluates (see `RNODE.set_evaluation`); None: unchanged."""
@@ -188,16 +240,21 @@ class CNF(keras.layers.Layer):
             return self.eval_trace
         return "exact" if self.trace == "exact" else divergence.default_trace(tuple(event_shape))
 
-    def _solve(self, x, context, t0, t1, training, regularize, probes=None, per_probe=False):
-        x = ops.convert_to_tensor(x, self.compute_dtype)
+    def _solve(self, x, context, t0, t1, settings, training, penalties, probes=None,
+               per_probe=False):
+        """The solve from t0 to t1 with the "training" or "evaluation" settings; training:
+        fresh Hutchinson probes (else from the evaluation seed)."""
+        x = ops.cast(ops.convert_to_tensor(x), self.state_dtype)
         if not self.built:
             self.build(x.shape)
         context = self._checked_context(context, x)
-        solver = self.train_solver if training else self.eval_solver
-        trace = self.trace if training else self.evaluation_trace(x.shape[1:])
+        penalty_fns = [regularizers.get(name) for name in penalties]
+        as_trained = settings == "training"
+        solver = self.train_solver if as_trained else self.eval_solver
+        trace = self.trace if as_trained else self.evaluation_trace(x.shape[1:])
         batch = ops.shape(x)[0]
         # Several evaluation probes are one solve of the batch repeated.
-        repeats = 1 if training or trace == "exact" else (probes or self.eval_probes)
+        repeats = 1 if as_trained or trace == "exact" else (probes or self.eval_probes)
         if repeats > 1:
             x, context = (None if v is None else
                           ops.tile(v, (repeats,) + (1,) * (len(v.shape) - 1))
@@ -215,28 +272,42 @@ class CNF(keras.layers.Layer):
                 return self._call_dynamics(t, z_, *per_sample_)
 
             if eps is None:
-                f, tr, frobenius = divergence.exact(fn, z, *per_sample)
+                f, tr, products = divergence.exact(fn, z, *per_sample)
             else:
-                f, tr, frobenius = divergence.hutchinson(fn, z, eps, *per_sample)
-            out = (f, -tr)
-            if regularize:
-                kinetic = 0.5 * divergence.event_mean(ops.square(f))
-                out += (kinetic, frobenius)
-            return out
+                f, tr, products = divergence.hutchinson(fn, z, eps, *per_sample)
+            if not penalty_fns:
+                return (f, -tr)
+            inputs = regularizers.PenaltyInputs(
+                t=t, z=z, f=f, context=per_sample[0] if per_sample else None,
+                trace_products=products,
+                jvp=lambda v, dt=0.0: divergence.directional(
+                    lambda t_, z_: self._call_dynamics(t_, z_, *per_sample), t, z, v, dt))
+            return (f, -tr, *(self._penalty(name, fn_, inputs, zeros)
+                              for name, fn_ in zip(penalties, penalty_fns)))
 
-        y0 = (x, zeros, zeros, zeros) if regularize else (x, zeros)
-        control = (True, True, False, False)[: len(y0)]
+        y0 = (x, zeros) + (zeros,) * len(penalties)
+        control = (True, True) + (False,) * len(penalties)
         # The context goes in as args: the solve differentiates it.
         conditioned = {} if context is None else {"args": context}
         sol = odeint(augmented, y0, t0, t1, solver=solver, error_control=control,
                      on_backward=self._record_backward, **conditioned)
         for name in STAT_NAMES[:4]:
             self.stats[name].assign(sol.stats[name])
-        if repeats == 1 and not per_probe:
-            return sol.y
-        # z does not depend on the probe; delta_logp does, a row per probe.
-        z, delta = sol.y[0][:batch], ops.reshape(sol.y[1], (repeats, batch))
-        return z, delta if per_probe else ops.sum(delta, axis=0) / repeats
+        z, delta, *integrals = sol.y
+        if repeats > 1 or per_probe:
+            # z does not depend on the probe; delta_logp does, a row per probe.
+            z, delta = z[:batch], ops.reshape(delta, (repeats, batch))
+            delta = delta if per_probe else ops.sum(delta, axis=0) / repeats
+        return FlowOutput(z, delta, dict(zip(penalties, integrals)))
+
+    def _penalty(self, name, fn, inputs, like):
+        """fn(inputs), checked to be one value per sample, in the state's dtype."""
+        value = fn(inputs)
+        shape, expected = checks.static_shape(value), checks.static_shape(like)
+        if not checks.shapes_agree(shape, expected):
+            raise ValueError(f"{self.name}: the penalty {name!r} returned shape {shape}; a "
+                             f"penalty gives one value per sample, shape {expected}")
+        return ops.cast(value, like.dtype)
 
     def _checked_context(self, context, x):
         """The context as a tensor of the layer's dtype, or a clear error for a wrong one."""
@@ -249,7 +320,7 @@ class CNF(keras.layers.Layer):
                                     "context_dim)"))
         if context is None:
             return None
-        context = ops.cast(ops.convert_to_tensor(context), self.compute_dtype)
+        context = ops.cast(ops.convert_to_tensor(context), self.state_dtype)
         expected = (checks.static_shape(x)[0], self.context_dim)
         if not checks.shapes_agree(checks.static_shape(context), expected):
             raise ValueError(f"{self.name}: the context must be (batch, {self.context_dim}) "
@@ -264,8 +335,10 @@ class CNF(keras.layers.Layer):
         or mixes rows shows itself only on a larger batch.
         """
         out = self.dynamics(t, z) if context is None else self.dynamics(t, z, context)
-        return validate_dynamics_output(
+        out = validate_dynamics_output(
             self.name, z, out, getattr(self.dynamics, "name", type(self.dynamics).__name__))
+        # A mixed policy's dynamics compute in float16; the state stays float32.
+        return ops.cast(out, z.dtype)
 
     def _noise(self, x):
         return divergence.draw_probes(self.noise, ops.shape(x), x.dtype, self.seed_generator)
@@ -279,7 +352,7 @@ class CNF(keras.layers.Layer):
         self.stats["backward_nfe"].assign(stats["nfe"])
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape), tuple(input_shape[:1])
+        return FlowOutput(tuple(input_shape), tuple(input_shape[:1]), {})
 
     def get_config(self):
         config = super().get_config()

@@ -1,9 +1,12 @@
-"""Divergence (trace of df/dz) and Frobenius estimates for CNF dynamics.
+"""Divergence (trace of df/dz) estimates for CNF dynamics, and the products they rest on.
 
-Both return (f, trace, frobenius) per sample, where frobenius is the mean
-over event dimensions of the squared Jacobian-vector product, the RNODE
-Jacobian regularizer; its expectation is ||J||_F^2 / D. The product
-(J v or v^T J) is the backend's choice: see `backend.jacobian_product`.
+`exact` and `hutchinson` return (f, trace, products) per sample, where
+products are the estimator's Jacobian products, (k, batch, D): the D rows
+of J, or the one product with the probe. The penalties read them
+(`keras_rnode.regularizers.jacobian`: ||J||_F^2 / D). The product (J v or
+v^T J) is the backend's choice: see `backend.jacobian_product`.
+`directional` is the forward-mode product J v + dt * df/dt that other
+penalties take.
 """
 
 import math
@@ -31,18 +34,6 @@ def _event_axes(z):
     return tuple(range(1, len(z.shape)))
 
 
-def event_mean(x):
-    """Mean over the event (non-batch) axes, computed in x's dtype.
-
-    Not ops.mean: Keras 3.15 averages float64 in float32 off TensorFlow
-    (its type promotion maps 64-bit floats to 32 bits), which costs a
-    float64 model 8 digits in the regularizer states.
-    """
-    from keras import ops
-
-    return ops.sum(x, axis=_event_axes(x)) / math.prod(x.shape[1:])
-
-
 def draw_probes(kind, shape, dtype, seed):
     """Hutchinson probes eps of `shape`: "gaussian" N(0, I) or "rademacher" +-1.
 
@@ -67,18 +58,20 @@ def draw_probes(kind, shape, dtype, seed):
 
 
 def hutchinson(fn, z, eps, *per_sample):
-    """One Jacobian-vector product w gives both estimates.
+    """One Jacobian-vector product w gives the trace and the Frobenius estimates.
 
-    tr(J) ~ eps . w and ||J||_F^2 / D ~ mean(w^2), for eps with E[eps eps^T] = I.
-    fn(z, *per_sample): `per_sample` are tensors with a row per sample (a
-    context), held fixed.
+    tr(J) ~ eps . w and ||J||_F^2 / D ~ mean(w^2), for eps with E[eps eps^T] = I
+    (Hutchinson 1990; FFJORD, Grathwohl et al. 2019, eq. 7). Returns (f,
+    trace, w as a (1, batch, D) product). fn(z, *per_sample): `per_sample`
+    are tensors with a row per sample (a context), held fixed.
     """
     from keras import ops
 
     from keras_rnode import backend
 
     f, w = backend.jacobian_product(lambda z_: fn(z_, *per_sample), z, eps)
-    return f, ops.sum(eps * w, axis=_event_axes(z)), event_mean(ops.square(w))
+    products = ops.reshape(w, (1, ops.shape(w)[0], math.prod(z.shape[1:])))
+    return f, ops.sum(eps * w, axis=_event_axes(z)), products
 
 
 def exact(fn, z, *per_sample):
@@ -86,8 +79,8 @@ def exact(fn, z, *per_sample):
 
     The batch is repeated D times, copy i probing with e_i, so the network
     runs once on D * batch rows (fn(z, *per_sample), the per-sample tensors
-    repeated alike). Frobenius is exact too: ||J||_F^2 / D, the
-    expectation of the Hutchinson figure.
+    repeated alike). Returns (f, trace, the D rows of J as (D, batch, D)
+    products), from which the Frobenius norm is exact too.
     """
     from keras import ops
 
@@ -103,5 +96,19 @@ def exact(fn, z, *per_sample):
     f_rep, rows = backend.jacobian_product(lambda z_: fn(z_, *rest), z_rep, probes)
     rows = ops.reshape(rows, (dim, batch, dim))
     trace = ops.sum(rows * eye[:, None, :], axis=(0, 2))
-    frobenius = ops.sum(ops.square(rows), axis=(0, 2)) / dim
-    return f_rep[:batch], trace, frobenius
+    return f_rep[:batch], trace, rows
+
+
+def directional(fn, t, z, v, dt=0.0):
+    """J v + dt * df/dt at (t, z): one forward-mode product of fn(t, z) in (t, z) along (dt, v).
+
+    dt = 0 (a Python number) differentiates in z alone.
+    """
+    from keras import ops
+
+    from keras_rnode import backend
+
+    if isinstance(dt, (int, float)) and dt == 0:
+        return backend.jvp(lambda z_: fn(t, z_), [z], [v])[1]
+    t = ops.convert_to_tensor(t, z.dtype)
+    return backend.jvp(fn, [t, z], [ops.cast(ops.full_like(t, dt), z.dtype), v])[1]

@@ -61,12 +61,12 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
         context = tf.TensorSpec((None, model.blocks[0].context_dim), tf.float32, name="context")
         definitions = {
             "log_prob": (lambda x, c: model.log_prob(x, c), [x_spec, context]),
-            "sample": (lambda c: model._sample(tf.shape(c)[0], c), [context]),
+            "sample": (lambda c: model.sample(tf.shape(c)[0], c), [context]),
         }
     else:
         definitions = {
             "log_prob": (lambda x: model.log_prob(x), [x_spec]),
-            "sample": (lambda n: model._sample(n), [tf.TensorSpec((), tf.int32, name="n")]),
+            "sample": (lambda n: model.sample(n), [tf.TensorSpec((), tf.int32, name="n")]),
         }
     archive = keras.export.ExportArchive()
     archive.track(model)

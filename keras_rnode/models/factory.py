@@ -34,11 +34,12 @@ def default_hidden(architecture, event_shape):
     return DEFAULT_HIDDEN
 
 
-def build_model(event_shape, levels, *, hidden, blocks, kinetic, jacobian, logit_alpha, seed,
+def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alpha, seed,
                 solver, eval_solver, trace, eval_trace=None, noise="gaussian",
                 architecture="single", layer_type=None):
     """An RNODE of `blocks` CNF blocks: MLP dynamics for flat data, conv dynamics for images.
 
+    `regularizers`: the penalty weights, {name: weight} (`RNODE`).
     `solver` and `eval_solver` (SolverSettings) integrate every block in
     training and in evaluation. `levels` (grey levels) marks image data,
     which is dequantized and logit-transformed in front of the flow.
@@ -64,7 +65,7 @@ def build_model(event_shape, levels, *, hidden, blocks, kinetic, jacobian, logit
         architecture = architecture_for(event_shape)
     cnf_options = dict(trace=trace, noise=noise, eval_trace=eval_trace, solver=solver,
                        eval_solver=eval_solver)
-    rnode_options = dict(kinetic=kinetic, jacobian=jacobian, levels=levels,
+    rnode_options = dict(regularizers=dict(regularizers), levels=levels,
                           logit_alpha=logit_alpha if levels else None, seed=seed)
     if architecture == "multiscale":
         if len(event_shape) != 3:

@@ -10,8 +10,8 @@
 k = 2 in FFJORD and RNODE. log p(x) = sum over the factored-out parts and
 the final part of log N(z_i; 0, I) + the logit log-det - the sum of every
 block's delta_logp; bits/dim counts all of it over the D = H * W * C input
-dimensions. The training loss sums the kinetic and Jacobian regularizers of
-every block, as for the single-scale model, whose code this reuses.
+dimensions. The training loss sums each penalty over every block, as for
+the single-scale model, whose code this reuses.
 """
 
 import keras
@@ -51,18 +51,20 @@ class MultiscaleRNODE(RNODE):
             blocks_per_scale of them (see `multiscale_rnode` to build them).
         n_scales: number of scales; the image's height and width must be
             divisible by 2 ** (n_scales - 1).
-        kinetic, jacobian, levels, logit_alpha, seed: as for `RNODE`; the
-            logit transform is on by default (alpha 1e-6, FFJORD's).
+        kinetic, jacobian, regularizers, levels, logit_alpha, seed: as for
+            `RNODE`; the logit transform is on by default (alpha 1e-6, FFJORD's).
 
-    Same surface as `RNODE`: fit logs bpd (or nll), kinetic, jacobian, nfe;
-    `log_prob`, `bits_per_dim`, `sample`, `export`, and saving through
-    `get_config`.
+    Same surface as `RNODE`: fit logs bpd (or nll), each penalty, nfe;
+    `log_prob`, `bits_per_dim`, `penalties`, `sample`, `encode`/`decode`
+    (the latent is a list of parts, `latent_shapes`), `export`, and saving
+    through `get_config`.
     """
 
-    def __init__(self, blocks, n_scales, kinetic=0.01, jacobian=0.01, levels=None,
-                 logit_alpha=1e-6, seed=None, **kwargs):
+    def __init__(self, blocks, n_scales, kinetic=None, jacobian=None, levels=None,
+                 logit_alpha=1e-6, seed=None, regularizers=None, **kwargs):
         super().__init__(blocks, kinetic=kinetic, jacobian=jacobian, levels=levels,
-                         logit_alpha=logit_alpha, seed=seed, **kwargs)
+                         logit_alpha=logit_alpha, seed=seed, regularizers=regularizers,
+                         **kwargs)
         n_scales = checks.integer(n_scales, "n_scales")
         per, rest = divmod(len(self.blocks), 2 * n_scales - 1)
         if rest or not per:
@@ -105,30 +107,32 @@ class MultiscaleRNODE(RNODE):
         self._shapes = shapes + [(h, w, c)]
         self.built = True
 
-    def _forward(self, x, training=False, regularize=False, **call_options):
-        latents, sums = [], (0.0, 0.0, 0.0)
-        options = dict(training=training, regularize=regularize, **call_options)
+    def _forward(self, x, **call_options):
+        latents, delta, sums = [], 0.0, {}
         for before, after in self._plan():
-            x, sums = flow_through(before, x, sums, **options)
+            x, delta, sums = flow_through(before, x, delta, sums, **call_options)
             if after is None:
                 break
             x = squeeze(x)
-            x, sums = flow_through(after, x, sums, **options)
+            x, delta, sums = flow_through(after, x, delta, sums, **call_options)
             half = x.shape[-1] // 2
             latents.append(x[..., half:])
             x = x[..., :half]
-        return latents + [x], *sums
+        return latents + [x], delta, sums
 
     def _inverse(self, latents, context=None):
-        x = latents[-1]
+        x, delta = latents[-1], 0.0
         for i, (before, after) in reversed(list(enumerate(self._plan()))):
             if after is not None:
                 x = keras.ops.concatenate([x, latents[i]], axis=-1)
-                x = unsqueeze(flow_back(after, x, context))
-            x = flow_back(before, x, context)
-        return x
+                x, delta = flow_back(after, x, context, delta)
+                x = unsqueeze(x)
+            x, delta = flow_back(before, x, context, delta)
+        return x, delta
 
-    def _latent_shapes(self):
+    @property
+    def latent_shapes(self):
+        """Per scale the factored-out part's shape, then the last scale's (h, w, c)."""
         return list(self._shapes)
 
     def get_config(self):
@@ -145,14 +149,15 @@ def _build(blocks, shape):
 
 
 def multiscale_rnode(image_shape, channels=(64, 64, 64), blocks_per_scale=2, n_scales=None,
-                     dynamics="concat", kernel_size=3, activation="softplus", kinetic=0.01,
-                     jacobian=0.01, levels=256, logit_alpha=1e-6, seed=None, dtype=None,
-                     **cnf_options):
+                     dynamics="concat", kernel_size=3, activation="softplus", kinetic=None,
+                     jacobian=None, levels=256, logit_alpha=1e-6, seed=None, dtype=None,
+                     regularizers=None, **cnf_options):
     """A MultiscaleRNODE for images of `image_shape` (height, width, channels).
 
     Every CNF block gets its own conv dynamics net (`dynamics`: "concat",
     FFJORD's and RNODE's choice for images, or "concatsquash") of
-    `channels` 3x3 convolutions with softplus between them. n_scales
+    `channels` 3x3 convolutions with softplus between them; kinetic,
+    jacobian and regularizers are RNODE's penalty weights. n_scales
     defaults to FFJORD's count (3 for 28x28 MNIST, 4 for 32x32 CIFAR-10, 2
     for 8x8 digits). `cnf_options` go to every `keras_rnode.layers.CNF`
     (trace, method, step_size, rtol, atol, eval_method, ...).
@@ -168,6 +173,7 @@ def multiscale_rnode(image_shape, channels=(64, 64, 64), blocks_per_scale=2, n_s
         blocks.append(CNF(net, seed=None if seed is None else seed + i, dtype=dtype,
                           **cnf_options))
     model = MultiscaleRNODE(blocks, n_scales, kinetic=kinetic, jacobian=jacobian,
-                            levels=levels, logit_alpha=logit_alpha, seed=seed, dtype=dtype)
+                            regularizers=regularizers, levels=levels,
+                            logit_alpha=logit_alpha, seed=seed, dtype=dtype)
     model.build((None, *image_shape))
     return model

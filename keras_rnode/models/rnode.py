@@ -1,17 +1,22 @@
-"""RNODE: a chain of CNF blocks trained with kinetic and Jacobian regularization."""
+"""RNODE: a chain of CNF blocks trained by likelihood, with penalties on their dynamics."""
 
 import math
+from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_rnode import backend, checks
+from keras_rnode import backend, checks, regularizers
 from keras_rnode.backend.distribute import scale_loss
 from keras_rnode.layers.cnf import CNF, EVALUATION_SEED
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
+from keras_rnode.solvers.solution import Status
 
 LOG_2PI = math.log(2.0 * math.pi)
+# RNODE's lambda_K = lambda_J = 0.01 (Finlay et al. 2020), the weights a model
+# takes unless told otherwise.
+DEFAULT_REGULARIZERS = {"kinetic": 0.01, "jacobian": 0.01}
 
 
 def standard_normal_log_prob(z):
@@ -20,23 +25,42 @@ def standard_normal_log_prob(z):
     return -0.5 * ops.sum(ops.square(z), axis=axes) - 0.5 * dims * LOG_2PI
 
 
-def flow_through(blocks, x, sums=(0.0, 0.0, 0.0), **call_options):
+class Encoding(NamedTuple):
+    """Continuous data carried to the base: the latent parts (a list of (batch, *shape_i)
+    tensors, `RNODE.latent_shapes`), log |det dz/dy| of the whole map (batch,), in nats,
+    and the penalties asked for, name -> (batch,) summed over the blocks."""
+
+    latents: list
+    log_det: object
+    penalties: dict
+
+
+def add_penalties(total, new):
+    """Two dicts of per-sample penalties added up by name."""
+    return {**total, **{k: total[k] + v if k in total else v for k, v in new.items()}}
+
+
+def flow_through(blocks, x, delta=0.0, sums=None, **call_options):
     """x through CNF blocks in order, each called with `call_options` (context, training,
-    regularize, probes, per_probe): (z, (delta, kinetic, jacobian)), the sums carried on."""
-    delta, kinetic, jacobian = sums
+    penalties, probes, per_probe): (z, delta_logp sum, penalty sums), the sums carried on."""
+    sums = dict(sums or {})
     for block in blocks:
         out = block(x, **call_options)
-        x, delta = out[0], delta + out[1]
-        if len(out) == 4:  # regularized
-            kinetic, jacobian = kinetic + out[2], jacobian + out[3]
-    return x, (delta, kinetic, jacobian)
+        x, delta, sums = out.z, delta + out.delta_logp, add_penalties(sums, out.penalties)
+    return x, delta, sums
 
 
-def flow_back(blocks, z, context):
-    """z back through CNF blocks in reverse order."""
+def flow_back(blocks, z, context=None, delta=0.0):
+    """z back through CNF blocks in reverse order: (x, the sum of their delta_logp, as
+    the forward solves from x would report it)."""
     for block in reversed(blocks):
-        z, _ = block.inverse(z, context)
-    return z
+        z, d, _ = block.inverse(z, context)
+        delta = delta + d
+    return z, delta
+
+
+class SolveFailed(ValueError):
+    """An evaluation solve that stopped short of its end (`Status`): its state is no result."""
 
 
 class FiniteMean(keras.metrics.Mean):
@@ -56,49 +80,93 @@ class RNODE(keras.Model):
 
     Args:
         blocks: a list of `keras_rnode.layers.CNF`.
-        kinetic, jacobian: lambda_K and lambda_J of the RNODE loss.
+        kinetic, jacobian: lambda_K and lambda_J, shorthand for
+            regularizers={"kinetic": kinetic, "jacobian": jacobian} (each 0.01
+            unless given).
         levels: grey levels L of integer image data; then the data is
             dequantized and the objective is bits/dim. None: continuous
             data, objective in nats.
         logit_alpha: apply the logit transform with this alpha (None: no
             transform).
         seed: seed of the dequantization noise.
+        regularizers: the general form, {penalty name: weight >= 0}, names
+            registered in `keras_rnode.regularizers` (kinetic, jacobian,
+            directional, total_derivative, or your own). Default
+            {"kinetic": 0.01, "jacobian": 0.01}, the paper's.
 
     `model(x)` returns log p(x) per sample (of the dequantized y in [0,1)^D
-    for images). Training minimizes bpd (or nats) + lambda_K * kinetic +
-    lambda_J * jacobian, regularizers summed over blocks, and logs loss,
-    bpd or nll, kinetic, jacobian, nfe and (with the adjoint gradient, where
-    the backend reports it) backward_nfe.
+    for images). Training minimizes bpd (or nats) + sum over the
+    penalties of weight * batch mean, each penalty summed over the blocks
+    and integrated only where its weight is > 0; fit logs loss, bpd or nll,
+    each such penalty under its name, nfe, solver_failures and (with the
+    adjoint gradient, where the backend reports it) backward_nfe.
+
+    Raises ValueError for blocks that are not CNFs, an unknown penalty, a
+    negative weight, or both `regularizers` and kinetic/jacobian.
     """
 
-    def __init__(self, blocks, kinetic=0.01, jacobian=0.01, levels=None, logit_alpha=None,
-                 seed=None, **kwargs):
+    def __init__(self, blocks, kinetic=None, jacobian=None, levels=None, logit_alpha=None,
+                 seed=None, regularizers=None, **kwargs):
+        # Data, log-densities and transforms stay in the variable dtype under a mixed
+        # policy (the dynamics alone compute in float16): Keras must not cast them.
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         blocks = list(blocks)
         if not blocks or not all(isinstance(b, CNF) for b in blocks):
             raise ValueError("RNODE needs a non-empty list of keras_rnode.layers.CNF blocks, "
                              f"got {[type(b).__name__ for b in blocks]}")
         self.blocks = blocks
-        self.kinetic = checks.non_negative(kinetic, "kinetic")
-        self.jacobian = checks.non_negative(jacobian, "jacobian")
         self.levels = levels
+        self.regularizers = _regularizers(regularizers, kinetic, jacobian)
         self.logit_alpha = logit_alpha
         self.seed = seed
-        self.dequantize = (Dequantize(levels, seed=seed, dtype=self.dtype_policy)
-                           if levels else None)
-        self.logit = (LogitTransform(logit_alpha, dtype=self.dtype_policy)
-                      if logit_alpha else None)
-        self.objective_name = "bpd" if levels else "nll"
-        self.trackers = {
-            name: keras.metrics.Mean(name=name)
-            for name in (self.objective_name, "kinetic", "jacobian", "nfe")
-            # Only the adjoint solves backwards, and JAX cannot report it.
-            + (("backward_nfe",) if backend.REPORTS_BACKWARD and any(
-                b.train_solver.gradient == "adjoint" for b in blocks) else ())
-        }
-        # Training steps (per epoch) whose solve stopped short of T.
-        self.trackers["solver_failures"] = keras.metrics.Sum(name="solver_failures")
+        policy = keras.DTypePolicy(self.dtype_policy.variable_dtype)
+        self.dequantize = Dequantize(levels, seed=seed, dtype=policy) if levels else None
+        self.logit = LogitTransform(logit_alpha, dtype=policy) if logit_alpha else None
         self._skips_bad_steps = False
+
+    @property
+    def regularizers(self):
+        """{penalty name: weight}, as given (zeros included); set it to train with others."""
+        return dict(self._regularizers)
+
+    @regularizers.setter
+    def regularizers(self, value):
+        self._regularizers = regularizers.weights(value)
+        self._make_trackers()
+
+    @property
+    def kinetic(self):
+        """lambda_K: the weight of the kinetic penalty (0 when it is not trained with)."""
+        return self._regularizers.get("kinetic", 0.0)
+
+    @property
+    def jacobian(self):
+        """lambda_J: the weight of the Jacobian Frobenius penalty (0 when not trained with)."""
+        return self._regularizers.get("jacobian", 0.0)
+
+    @property
+    def trained_penalties(self):
+        """The names of the penalties training integrates: those of weight > 0."""
+        return tuple(name for name, weight in self._regularizers.items() if weight > 0)
+
+    @property
+    def likelihood_metric(self):
+        """The name the likelihood is logged under: "bpd" for images, "nll" otherwise."""
+        return "bpd" if self.levels else "nll"
+
+    def _make_trackers(self):
+        names = (self.likelihood_metric, *self.trained_penalties, "nfe")
+        # Only the adjoint solves backwards, and JAX cannot report it.
+        if backend.REPORTS_BACKWARD and any(b.train_solver.gradient == "adjoint"
+                                            for b in self.blocks):
+            names += ("backward_nfe",)
+        trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        # Training steps (per epoch) whose solve stopped short of T.
+        trackers["solver_failures"] = keras.metrics.Sum(name="solver_failures")
+        # Not tracked as layer attributes: `metrics` lists the current ones, and
+        # trackers replaced by a new set of penalties must not linger there.
+        object.__setattr__(self, "_trackers", trackers)
 
     # The density --------------------------------------------------------
 
@@ -118,18 +186,42 @@ class RNODE(keras.Model):
         (x, context) pairs, sample(n, context)."""
         return self.blocks[0].conditional
 
-    def _flow(self, x, context, training, regularize, deterministic=None, probes=None,
-              per_probe=False):
-        """x (given the context) -> (log p per sample, kinetic sum, jacobian sum).
+    @property
+    def state_dtype(self):
+        """The dtype of data, latents and log-densities: float32 under a mixed policy."""
+        return keras.backend.standardize_dtype(self.dtype_policy.variable_dtype)
+
+    @property
+    def latent_shapes(self):
+        """The shapes of the latent parts `encode` returns and `decode` takes, per sample:
+        one part of the event shape here; a multiscale model factors out several."""
+        return [tuple(self.event_shape)]
+
+    def _flow(self, x, context, training, penalties=(), deterministic=None, probes=None,
+              per_probe=False, strict=True):
+        """x (given the context) -> (log p per sample, the penalties' sums).
 
         With per_probe, log p is (probes, batch): one row per Hutchinson probe
         of the evaluation (see `CNF.call`).
         """
+        x = self._checked_data(x, context)
+        if self.dequantize is not None:
+            # Evaluation draws its u from a fixed seed: the same input, the same number.
+            x, _ = self.dequantize(x, training=training, deterministic=deterministic,
+                                   seed=None if training else EVALUATION_SEED)
+        encoded = self.encode(x, context, training=training, penalties=penalties,
+                              probes=probes, per_probe=per_probe, strict=strict)
+        log_p = sum(standard_normal_log_prob(z) for z in encoded.latents) + encoded.log_det
+        return log_p, encoded.penalties
+
+    def _checked_data(self, x, context):
+        """x as a tensor of the state dtype, the model built for it; ValueError for
+        non-finite values (naming the first bad row), a wrong shape or bad levels."""
         checks.check_finite(x)
         checks.check_finite(context, "the context")
         if self.levels and isinstance(x, np.ndarray):
             check_levels(x, self.levels)
-        x = ops.convert_to_tensor(x, self.compute_dtype)
+        x = ops.cast(ops.convert_to_tensor(x), self.state_dtype)
         if len(x.shape) < 2:
             raise ValueError(f"x must be (batch, *event_shape), got shape {tuple(x.shape)}")
         if not self.built:  # log_prob / bits_per_dim before any model(x) call
@@ -138,50 +230,91 @@ class RNODE(keras.Model):
         elif tuple(x.shape[1:]) != tuple(self.event_shape):
             raise ValueError(f"the model takes events of shape {tuple(self.event_shape)}, got "
                              f"x of shape {tuple(x.shape)}")
-        if self.dequantize is not None:
-            # Evaluation draws its u from a fixed seed: the same input, the same number.
-            x, _ = self.dequantize(x, training=training, deterministic=deterministic,
-                                   seed=None if training else EVALUATION_SEED)
-        options = dict(context=context, probes=probes, per_probe=per_probe)
-        latents, logdet, kinetic, jacobian = self._encode(x, training, regularize, **options)
-        log_p = sum(standard_normal_log_prob(z) for z in latents) + logdet
-        return log_p, kinetic, jacobian
+        return x
 
-    def _encode(self, x, training=False, regularize=False, **call_options):
-        """Continuous x -> (latent parts, log-det of the whole map, kinetic, jacobian sums)."""
-        logdet = 0.0
-        if self.logit is not None:
-            x, logdet = self.logit(x)
-        latents, delta, kinetic, jacobian = self._forward(x, training, regularize,
-                                                          **call_options)
-        return latents, logdet - delta, kinetic, jacobian
+    def encode(self, y, context=None, training=False, penalties=(), probes=None,
+               per_probe=False, strict=True):
+        """Continuous data y (batch, *event_shape) -> `Encoding(latents, log_det, penalties)`.
 
-    def _forward(self, x, training=False, regularize=False, **call_options):
-        """The CNF part: x -> (latent parts, sum of delta_logp, kinetic sum, jacobian sum).
-
-        `call_options` go to every block (context, probes, per_probe).
-        Subclasses with another arrangement of blocks override this,
-        `_inverse` and `_latent_shapes`; the rest of the model is shared.
+        y is the flow's input space: for images the dequantized y = (x + u) / L
+        in [0, 1)^D (before the logit transform, which this applies). log_det
+        is log |det dz/dy| in nats, so that log p(y) = sum of the latents'
+        standard normal log-densities + log_det. `penalties`: names whose
+        integrals to return, summed over the blocks. The solver is the
+        evaluation one unless training. Not training, a solve that stops short
+        of its end raises SolveFailed in eager code (strict=False: NaN for
+        the batch instead) and gives NaN for the whole batch in compiled code.
         """
-        z, sums = flow_through(self.blocks, x, training=training, regularize=regularize,
-                               **call_options)
-        return [z], *sums
+        encoded = self._encode(y, context=context, training=training, penalties=penalties,
+                               probes=probes, per_probe=per_probe)
+        if training:
+            return encoded
+        (log_det,) = self._unless_failed([encoded.log_det], "evaluation", strict)
+        return encoded._replace(log_det=log_det)
+
+    def _encode(self, y, **call_options):
+        y = ops.cast(ops.convert_to_tensor(y), self.state_dtype)
+        log_det = 0.0
+        if self.logit is not None:
+            y, log_det = self.logit(y)
+        call_options["penalties"] = tuple(call_options.get("penalties", ()))
+        latents, delta, sums = self._forward(y, **call_options)
+        return Encoding(latents, log_det - delta, sums)
+
+    def decode(self, latents, context=None, strict=True):
+        """Latent parts -> (y, log |det dy/dz|): the generative direction, the blocks solved
+        from T back to 0 with the evaluation solver, then the logit transform's inverse.
+
+        `latents`: tensors of shapes (n, *s) for s in `latent_shapes`; y is
+        continuous (for images in [0, 1)^D, not yet floored to grey levels).
+        A failed solve: as for `encode`, NaN for y and the log-det.
+        """
+        y, log_det = self._inverse([ops.cast(ops.convert_to_tensor(v), self.state_dtype)
+                                    for v in latents], context)
+        if self.logit is not None:
+            y, logit_log_det = self.logit.inverse(y)
+            log_det = log_det + logit_log_det
+        y, log_det = self._unless_failed([y, log_det], "sampling", strict)
+        return y, log_det
+
+    def _forward(self, x, **call_options):
+        """The CNF part: x -> (latent parts, sum of delta_logp, penalty sums).
+
+        `call_options` go to every block (context, training, penalties,
+        probes, per_probe). Subclasses with another arrangement of blocks
+        override this, `_inverse` and `latent_shapes`; the rest is shared.
+        """
+        z, delta, sums = flow_through(self.blocks, x, **call_options)
+        return [z], delta, sums
 
     def _inverse(self, latents, context=None):
-        """Latent parts -> x before the logit transform (the inverse of `_forward`)."""
+        """Latent parts -> (x before the logit transform, the blocks' summed delta_logp):
+        the inverse of `_forward`."""
         return flow_back(self.blocks, latents[0], context)
 
-    def _latent_shapes(self):
-        return [tuple(self.event_shape)]
+    def _unless_failed(self, values, what, strict):
+        """values, if every block's last solve succeeded. Else eager code raises SolveFailed
+        (with strict) or gives NaN; compiled code, which cannot raise, gives NaN."""
+        ok = self.solves_succeeded()
+        known = backend.static_value(ok)
+        if known is not None and bool(known):
+            return values
+        if known is not None and strict:
+            block = next(b for b in self.blocks if int(backend.static_value(b.stats["status"])))
+            status = Status.name(backend.static_value(block.stats["status"]))
+            nfe = int(backend.static_value(block.stats["nfe"]))
+            raise SolveFailed(f"the {what} solve of {block.name} ended with status {status} "
+                              f"after {nfe} function evaluations; its result would be wrong")
+        return [ops.where(ok, v, ops.full_like(v, float("nan"))) for v in values]
 
     def call(self, inputs, training=None):
         """log p per sample of x, or of (x, context) for a conditional model; in training
-        a dict of log_prob and the kinetic and jacobian sums."""
+        a dict of log_prob and the trained penalties' sums."""
         x, context = self._split(inputs)
         if training:
-            log_p, kinetic, jacobian = self._flow(x, context, True, True)
-            return {"log_prob": log_p, "kinetic": kinetic, "jacobian": jacobian}
-        return self._flow(x, context, False, False)[0]
+            log_p, sums = self._flow(x, context, True, self.trained_penalties)
+            return {"log_prob": log_p, "penalties": sums}
+        return self._flow(x, context, False)[0]
 
     def _data_shape(self, input_shape):
         """The data's shape from a build shape: x's, or (x's, the context's) when conditional
@@ -210,36 +343,73 @@ class RNODE(keras.Model):
             data = (tuple(data),)
         return (*state, data)
 
-    def log_prob(self, x, context=None, training=False, probes=None):
+    def log_prob(self, x, context=None, training=False, probes=None, per_probe=False,
+                 midpoint=False, strict=True):
         """log p(x) per sample (nats), of x given the context (batch, C) for a conditional
-        model; for images, of the dequantized y = (x + u) / L.
+        model; for images, of the dequantized y = (x + u) / L (midpoint=True: u = 0.5).
 
         Not training, it is deterministic: Hutchinson probes (and the
         dequantization noise) come from fixed seeds; `probes` (default each
-        block's eval_probes) are averaged per sample.
+        block's eval_probes) are averaged per sample, or with per_probe
+        returned as rows, (probes, batch). A solve that stops short of its
+        end raises SolveFailed in eager code (strict=False: NaN for the
+        batch) and gives NaN for the whole batch in compiled or exported code.
+        NaN or inf in eager x raises ValueError naming the first bad row.
         """
-        return self._flow(x, context, training, False, probes=probes)[0]
+        return self._flow(x, context, training, deterministic=midpoint or None,
+                          probes=probes, per_probe=per_probe, strict=strict)[0]
 
     def bits_per_dim(self, x, context=None, midpoint=False):
         """Bits/dim per sample (uniform dequantization; midpoint=True: the "clean" figure)."""
         if not self.levels:
             raise ValueError("bits_per_dim needs image data: this model was built without "
                              "levels; use log_prob (nats) instead")
-        log_p = self._flow(x, context, False, False, deterministic=midpoint)[0]
+        log_p = self._flow(x, context, False, deterministic=midpoint)[0]
         return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
+
+    def penalties(self, x, context=None, names=None):
+        """{name: per-sample integral over the whole flow}, summed over the blocks, (batch,).
+
+        Computed with each block's training solver and trace (Hutchinson's
+        probes drawn from the evaluation seed, the dequantization noise too),
+        whatever the model trains with: `names` defaults to the model's
+        regularizers and may ask for any registered penalty. For analysis: the
+        kinetic energy of a flow is a figure the field reports (Finlay et al.
+        2020, Table 1). ValueError for an unknown name.
+        """
+        names = tuple(self._regularizers if names is None else names)
+        for name in names:
+            regularizers.get(name)
+        x = self._checked_data(x, context)
+        if self.dequantize is not None:
+            x, _ = self.dequantize(x, training=False, seed=EVALUATION_SEED)
+        encoded = self._encode(x, context=context, solve_as="training", penalties=names)
+        return dict(zip(names, self._unless_failed([encoded.penalties[n] for n in names],
+                                                   "penalty", True)))
 
     def sample(self, n, context=None, seed=None):
         """n samples: images as integers in [0, L-1] (float), other data as is.
 
-        A conditional model samples given the context: (n, C), one row per
-        sample, or (C,) for all n.
+        n: a positive int, or a scalar int tensor (an export's endpoint). A
+        conditional model samples given the context: (n, C), one row per
+        sample, or (C,) for all n. A failed solve: as for `log_prob`.
         """
         if not self.built:
             raise ValueError("the model must be built (called on data) before sampling")
-        n = checks.integer(n, "n")
+        if not ops.is_tensor(n):
+            n = checks.integer(n, "n")
         if context is not None and len(ops.shape(context)) == 1:
             context = ops.tile(ops.reshape(ops.convert_to_tensor(context), (1, -1)), (n, 1))
-        return self._sample(n, context, seed)
+        latents = [
+            keras.random.normal(
+                (n, *shape), dtype=self.state_dtype,
+                # An integer seed would draw the same noise for every part.
+                seed=self.blocks[0].seed_generator if seed is None else seed + i)
+            for i, shape in enumerate(self.latent_shapes)]
+        y, _ = self.decode(latents, context)
+        if self.levels:
+            y = ops.clip(ops.floor(y * self.levels), 0, self.levels - 1)
+        return y
 
     def as_distribution(self):
         """This built, unconditional model as a `tfp.distributions.TransformedDistribution`
@@ -247,56 +417,43 @@ class RNODE(keras.Model):
         from keras_rnode.distributions import as_distribution
         return as_distribution(self)
 
-    def _sample(self, n, context=None, seed=None):
-        """`sample` without the checks: n may be a scalar tensor (the export's endpoint)."""
-        latents = [
-            keras.random.normal(
-                (n, *shape), dtype=self.compute_dtype,
-                # An integer seed would draw the same noise for every part.
-                seed=self.blocks[0].seed_generator if seed is None else seed + i)
-            for i, shape in enumerate(self._latent_shapes())]
-        z = self._inverse(latents, context)
-        if self.logit is not None:
-            z, _ = self.logit.inverse(z)
-        if self.levels:
-            z = ops.clip(ops.floor(z * self.levels), 0, self.levels - 1)
-        return z
-
     # Training -------------------------------------------------------------
 
-    def objective(self, log_p):
+    def likelihood_loss(self, log_p):
+        """Per-sample bits/dim (images) or nats (other data) of log p."""
         if self.levels:
             return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
         return -log_p
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if not isinstance(y_pred, dict):  # evaluate(): y_pred is log p
-            y_pred = {"log_prob": y_pred, "kinetic": 0.0, "jacobian": 0.0}
-        objective = ops.mean(self.objective(y_pred["log_prob"]))
-        kinetic = ops.mean(y_pred["kinetic"])
-        jacobian = ops.mean(y_pred["jacobian"])
-        loss = objective + self.kinetic * kinetic + self.jacobian * jacobian
+            y_pred = {"log_prob": y_pred, "penalties": {}}
+        values = {self.likelihood_metric: ops.mean(self.likelihood_loss(y_pred["log_prob"]))}
+        loss = values[self.likelihood_metric]
+        for name, weight in self._regularizers.items():
+            if name in y_pred["penalties"]:
+                values[name] = ops.mean(y_pred["penalties"][name])
+                loss = loss + weight * values[name]
         # A step the optimizer skips must not turn the epoch's means into NaN.
         weight = ops.cast(ops.isfinite(loss), "float32") if self._skips_bad_steps else None
-        for name, value in ((self.objective_name, objective), ("kinetic", kinetic),
-                            ("jacobian", jacobian)):
+        for name, value in values.items():
             if weight is not None:
                 value = ops.where(ops.isfinite(value), value, 0.0)
-            self.trackers[name].update_state(value, sample_weight=weight)
+            self._trackers[name].update_state(value, sample_weight=weight)
         # The forward solves' stats are read here, not in compute_metrics:
         # Keras's JAX trainer holds the layers' state only while the loss
         # is computed.
         nfe = sum(ops.cast(b.stats["nfe"], "float32") for b in self.blocks)
-        self.trackers["nfe"].update_state(nfe)
-        self.trackers["solver_failures"].update_state(
+        self._trackers["nfe"].update_state(nfe)
+        self._trackers["solver_failures"].update_state(
             ops.cast(ops.logical_not(self.solves_succeeded()), "float32"))
         # Under a tf.distribute strategy the replicas' gradients are summed.
         return scale_loss(loss)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if "backward_nfe" in self.trackers:  # after the gradient, which sets it
+        if "backward_nfe" in self._trackers:  # after the gradient, which sets it
             backward = sum(ops.cast(b.stats["backward_nfe"], "float32") for b in self.blocks)
-            self.trackers["backward_nfe"].update_state(backward)
+            self._trackers["backward_nfe"].update_state(backward)
         return self.get_metrics_result()
 
     def solves_succeeded(self):
@@ -343,7 +500,7 @@ class RNODE(keras.Model):
 
     @property
     def metrics(self):
-        return [*super().metrics, *self.trackers.values()]
+        return [*super().metrics, *self._trackers.values()]
 
     # Saving ---------------------------------------------------------------
 
@@ -368,7 +525,7 @@ class RNODE(keras.Model):
         config = super().get_config()
         config.update(
             blocks=[keras.saving.serialize_keras_object(b) for b in self.blocks],
-            kinetic=self.kinetic, jacobian=self.jacobian, levels=self.levels,
+            regularizers=self.regularizers, levels=self.levels,
             logit_alpha=self.logit_alpha, seed=self.seed)
         return config
 
@@ -376,6 +533,10 @@ class RNODE(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         config["blocks"] = [keras.saving.deserialize_keras_object(b) for b in config["blocks"]]
+        # Models saved before named regularizers have the two weights as keys.
+        if "regularizers" not in config:
+            config["regularizers"] = {name: config.pop(name) for name in ("kinetic", "jacobian")
+                                      if name in config}
         return cls(**config)
 
     def get_build_config(self):
@@ -389,3 +550,16 @@ class RNODE(keras.Model):
     def build_from_config(self, config):
         if config:
             self.build(tuple(config["input_shape"]))
+
+
+def _regularizers(given, kinetic, jacobian):
+    """The {name: weight} of RNODE's arguments: `given`, or the kinetic/jacobian shorthand
+    (each defaulting to the paper's 0.01)."""
+    if given is not None:
+        if kinetic is not None or jacobian is not None:
+            raise ValueError("give regularizers={...} or the kinetic=/jacobian= shorthand, "
+                             "not both")
+        return given
+    shorthand = {"kinetic": kinetic, "jacobian": jacobian}
+    return {name: DEFAULT_REGULARIZERS[name] if w is None else w
+            for name, w in shorthand.items()}
