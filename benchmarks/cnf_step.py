@@ -147,7 +147,8 @@ def ours_step(mlp, x, eps, counter=None, **solver):
         if counter is not None:
             counter.assign(0)
         with tf.GradientTape() as tape:
-            z, delta_logp, kinetic, jacobian = cnf(x, training=True, regularize=True)
+            z, delta_logp, penalties = cnf(x, training=True, regularize=True)
+            kinetic, jacobian = penalties["kinetic"], penalties["jacobian"]
             nll = -tf.reduce_mean(std_normal_log_prob(z) - delta_logp)
             loss = nll + LAMBDA * tf.reduce_mean(kinetic) + LAMBDA * tf.reduce_mean(jacobian)
         forward = _count_after(counter, [loss])

@@ -153,7 +153,8 @@ class KerasSide:
         keras.utils.set_random_seed(args["seed"])
         tol = args["tol"]
         model = build_model(
-            (2,), None, hidden=HIDDEN, blocks=1, kinetic=args["lam"], jacobian=args["lam"],
+            (2,), None, hidden=HIDDEN, blocks=1,
+            regularizers={"kinetic": args["lam"], "jacobian": args["lam"]},
             logit_alpha=None, seed=args["seed"],
             solver=SolverSettings(rtol=tol, atol=tol, gradient=args["gradient"]),
             eval_solver=SolverSettings(rtol=tol, atol=tol),

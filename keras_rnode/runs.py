@@ -459,7 +459,7 @@ def _train(settings, note):
     result = held_out_quality(model, x_test, run.name, run.eval_batch_size)
     write_figure(model, x_test, out, run.eval_batch_size, run.seed)
     config = {**run.to_options(), "levels": levels, "event_shape": list(x_train.shape[1:]),
-              "n_test": len(x_test), "objective": model.objective_name,
+              "n_test": len(x_test), "objective": model.likelihood_metric,
               "keras_rnode": __version__}
     write_json(config, os.path.join(out, CONFIG_FILE))
     write_json(history, os.path.join(out, HISTORY_FILE))
@@ -501,7 +501,7 @@ def _model(settings, event_shape, levels):
     """The RNODE the (resolved) settings describe."""
     return build_model(
         event_shape, levels, hidden=settings.hidden, blocks=settings.blocks,
-        kinetic=settings.kinetic, jacobian=settings.jacobian,
+        regularizers={"kinetic": settings.kinetic, "jacobian": settings.jacobian},
         logit_alpha=settings.logit_alpha, seed=settings.seed, solver=settings.solver,
         eval_solver=settings.eval_solver, trace=settings.trace,
         eval_trace=settings.eval_trace, noise=settings.noise,

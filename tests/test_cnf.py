@@ -48,6 +48,17 @@ def log_normal(z):
     return -0.5 * np.sum(z**2, axis=1) - 0.5 * z.shape[1] * LOG_2PI
 
 
+def rnode_states(out):
+    """(z, delta_logp, kinetic, jacobian) of a FlowOutput asked for RNODE's two penalties."""
+    return out.z, out.delta_logp, out.penalties["kinetic"], out.penalties["jacobian"]
+
+
+def frobenius(products):
+    """||J||_F^2 / D from the trace estimator's (k, batch, D) products."""
+    products = np.asarray(products)
+    return np.sum(products**2, axis=(0, 2)) / products.shape[-1]
+
+
 def stats_of(cnf):
     return {k: int(np_(v)) for k, v in cnf.stats.items()}
 
@@ -134,7 +145,7 @@ def kinetic_closed_form(a, x, big_t):
 def test_linear_flow_exact_trace_matches_closed_forms():
     x = np.random.default_rng(0).normal(size=(4, 3))
     cnf = CNF(Linear(A3), trace="exact", rtol=1e-9, atol=1e-9, T=T_LIN, dtype="float64")
-    z, dlogp, kinetic, jac = (np_(v) for v in cnf(x, training=True, regularize=True))
+    z, dlogp, kinetic, jac = (np_(v) for v in rnode_states(cnf(x, training=True, regularize=True)))
     assert stats_of(cnf)["status"] == kr.Status.SUCCESS
 
     np.testing.assert_allclose(z, x @ expm(A3 * T_LIN).T, rtol=1e-8, atol=1e-9)
@@ -159,7 +170,7 @@ def test_linear_flow_hutchinson_per_probe_and_in_expectation(noise, monkeypatch)
     drawn = []
     draw = cnf._noise
     monkeypatch.setattr(cnf, "_noise", lambda x_: drawn.append(draw(x_)) or drawn[-1])
-    z, dlogp, kinetic, jac = (np_(v) for v in cnf(x, training=True, regularize=True))
+    z, dlogp, kinetic, jac = (np_(v) for v in rnode_states(cnf(x, training=True, regularize=True)))
     assert len(drawn) == 1
     eps = np_(drawn[0])
     if noise == "rademacher":
@@ -199,6 +210,7 @@ def test_hutchinson_estimator_is_unbiased(noise):
 
     # Exact values, checked against the full Jacobian.
     _, tr_exact, fr_exact = (np_(v) for v in divergence.exact(fn, f64(points)))
+    fr_exact = frobenius(fr_exact)
     # The full Jacobian by reverse mode, one output component at a time (rows
     # are independent samples, so d sum_b f_b[i] / dz_b is row b's J[i, :]).
     jac = np.stack([np_(gradients(lambda z_, i=i: ops.sum(fn(z_)[:, i]), [f64(points)])[1][0])
@@ -214,6 +226,7 @@ def test_hutchinson_estimator_is_unbiased(noise):
     else:
         eps = rng.choice([-1.0, 1.0], size=z.shape)
     f_h, tr_h, fr_h = (np_(v) for v in divergence.hutchinson(fn, f64(z), f64(eps)))
+    fr_h = frobenius(fr_h)
     np.testing.assert_allclose(f_h, np_(fn(f64(z))), rtol=1e-14, atol=1e-14)
     tr_h, fr_h = tr_h.reshape(3, reps).T, fr_h.reshape(3, reps).T
     _, se = assert_unbiased(tr_h, tr_exact, what=f"trace ({noise})")
@@ -231,8 +244,10 @@ def test_cnf_hutchinson_matches_exact_in_expectation(noise):
     kw = dict(rtol=1e-6, atol=1e-6, dtype="float64")
     exact = CNF(net, trace="exact", **kw)
     hutch = CNF(net, trace="hutchinson", noise=noise, seed=5, **kw)
-    z_e, dl_e, k_e, j_e = (np_(v) for v in exact(x[:1], training=True, regularize=True))
-    z_h, dl_h, k_h, j_h = (np_(v) for v in hutch(x, training=True, regularize=True))
+    z_e, dl_e, k_e, j_e = (np_(v) for v in rnode_states(exact(x[:1], training=True,
+                                                               regularize=True)))
+    z_h, dl_h, k_h, j_h = (np_(v) for v in rnode_states(hutch(x, training=True,
+                                                              regularize=True)))
     # The path does not depend on the probes (up to the solver's tolerance).
     np.testing.assert_allclose(z_h, np.repeat(z_e, n, axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(k_h, np.repeat(k_e, n), rtol=1e-4)
@@ -271,7 +286,7 @@ def test_noise_is_drawn_once_per_solve_and_fixed_within_it(monkeypatch):
 
     results = []
     for solve in range(2):
-        _, dlogp = cnf(x, training=True)
+        _, dlogp, _ = cnf(x, training=True)
         results.append(np_(dlogp))
         assert len(draws) == solve + 1
         nfe = stats_of(cnf)["nfe"]
@@ -308,9 +323,9 @@ def test_inverse_round_trip():
     net = make_net(2, seed=0, scale=3.0)
     x = np.random.default_rng(4).normal(size=(5, 2))
     cnf = CNF(net, trace="exact", rtol=1e-8, atol=1e-8, dtype="float64")
-    z, dlogp = (np_(v) for v in cnf(x))
+    z, dlogp = (np_(v) for v in cnf(x)[:2])
     assert np.abs(z - x).max() > 1.0 and np.abs(dlogp).min() > 0.2  # a real flow
-    x_back, dlogp_back = (np_(v) for v in cnf.inverse(z))
+    x_back, dlogp_back = (np_(v) for v in cnf.inverse(z)[:2])
     np.testing.assert_allclose(x_back, x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(dlogp_back, dlogp, rtol=1e-6, atol=1e-6)
 
@@ -325,7 +340,7 @@ def test_density_integrates_to_one():
     grid = np.stack(np.meshgrid(mid, mid, indexing="ij"), -1).reshape(-1, 2)
 
     def log_prob(x_):
-        z, dlogp = cnf(x_)
+        z, dlogp, _ = cnf(x_)
         return -0.5 * ops.sum(z**2, axis=1) - LOG_2PI - dlogp
 
     log_prob = compiled_layer_fn(cnf, log_prob, "graph" if BACKEND == "tensorflow"
@@ -347,7 +362,7 @@ def test_log_prob_matches_tfp_ffjord():
     big_t, tol = 1.0, 1e-8
     x = np.random.default_rng(5).normal(size=(6, 2))
     cnf = CNF(net, trace="exact", rtol=tol, atol=tol, T=big_t, dtype="float64")
-    z, dlogp = (np_(v) for v in cnf(x))
+    z, dlogp = (np_(v) for v in cnf(x)[:2])
     ours = log_normal(z) - dlogp
 
     # tfp's FFJORD maps base -> data forward and data -> base by solving
@@ -400,7 +415,7 @@ def _loss_and_grads(cnf, variables, mode="eager"):
     """
 
     def loss_fn(x_):
-        _, dlogp, kinetic, jac = cnf(x_, training=True, regularize=True)
+        _, dlogp, kinetic, jac = rnode_states(cnf(x_, training=True, regularize=True))
         # Sums, not ops.mean: Keras averages float64 in float32 off TensorFlow.
         return (ops.sum(dlogp) + ops.sum(kinetic) + ops.sum(jac)) / ops.shape(x_)[0]
 
@@ -498,13 +513,13 @@ def test_training_and_evaluation_solvers():
     x = np.random.default_rng(8).normal(size=(4, 2))
 
     train = cnf(x, training=True, regularize=True)
-    assert len(train) == 4
+    assert set(train.penalties) == {"kinetic", "jacobian"}
     s = stats_of(cnf)
     assert (s["nfe"], s["accepted"], s["rejected"]) == (16, 4, 0)  # rk4, 4 steps of 0.25
-    assert len(cnf(x, training=True)) == 2  # no regularizer states unless asked
+    assert cnf(x, training=True).penalties == {}  # no penalty states unless asked
 
     evaluation = cnf(x, training=False, regularize=True)
-    assert len(evaluation) == 2  # never at evaluation
+    assert evaluation.penalties == {}  # regularize is training's shorthand
     s = stats_of(cnf)
     assert s["nfe"] == 6 * (s["accepted"] + s["rejected"]) + 2 and s["nfe"] != 16
     # Evaluation uses the exact trace: deterministic.
@@ -523,7 +538,8 @@ def test_regularizer_states_do_not_change_the_steps():
     results = {}
     for regularize in (False, True):
         cnf = CNF(net, trace="hutchinson", rtol=1e-5, atol=1e-5, seed=21, dtype="float64")
-        out = [np_(v) for v in cnf(x, training=True, regularize=regularize)]
+        out = cnf(x, training=True, regularize=regularize)
+        out = [np_(v) for v in (out.z, out.delta_logp, *out.penalties.values())]
         results[regularize] = (out, stats_of(cnf))
     (plain, s0), (reg, s1) = results[False], results[True]
     assert len(plain) == 2 and len(reg) == 4
@@ -558,7 +574,7 @@ def test_model_save_load(tmp_path):
     keras.utils.set_random_seed(15)
     net = ConcatSquashMLP(hidden=(8,), zero_init_last=False)
     inputs = keras.Input((2,))
-    z, dlogp = CNF(net, trace="exact", rtol=1e-6, atol=1e-6, name="cnf")(inputs)
+    z, dlogp, _ = CNF(net, trace="exact", rtol=1e-6, atol=1e-6, name="cnf")(inputs)
     model = keras.Model(inputs, [z, dlogp])
     x = np.random.default_rng(10).normal(size=(4, 2)).astype("float32")
     before = [np_(v) for v in model(x)]

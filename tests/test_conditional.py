@@ -57,7 +57,7 @@ def test_context_gradient_matches_finite_differences(gradient):
     wz = np.random.default_rng(4).normal(size=(2, 2))
 
     def loss(c):
-        z, delta = cnf(ops.convert_to_tensor(x, "float64"), context=c)
+        z, delta, _ = cnf(ops.convert_to_tensor(x, "float64"), context=c)
         return ops.sum(ops.convert_to_tensor(wz, "float64") * z) + ops.sum(delta)
 
     _, (g,), _ = gradients(loss, [ops.convert_to_tensor(context, "float64")])
@@ -73,7 +73,7 @@ def test_trainable_end_time_gradient_matches_finite_differences(gradient):
     x = ops.convert_to_tensor(np.random.default_rng(6).normal(size=(5, 2)), "float64")
 
     def loss():
-        z, delta = cnf(x)
+        z, delta, _ = cnf(x)
         return ops.sum(ops.square(z)) + ops.sum(delta)
 
     _, _, (g,) = gradients(loss, [], [cnf.sqrt_T])

@@ -107,7 +107,7 @@ def test_image_model_logs_bits_per_dim():
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=JIT_COMPILE)
     history = model.fit(make_dataset(images(16), 8, seed=0), epochs=1, verbose=0,
                         shuffle=False).history
-    assert model.objective_name == "bpd"
+    assert model.likelihood_metric == "bpd"
     for name in ("loss", "bpd", "kinetic", "jacobian") + FIT_STATS:
         assert name in history, sorted(history)
         assert np.isfinite(history[name][-1])
@@ -195,7 +195,7 @@ def test_keras_save_and_load_keep_log_prob(trained, tmp_path):
     np.testing.assert_array_equal(np_(loaded.log_prob(x_eval[:32])),
                                   np_(model.log_prob(x_eval[:32])))
     assert loaded.blocks[0].eval_solver == model.blocks[0].eval_solver
-    assert loaded.get_config()["kinetic"] == 0.01
+    assert loaded.get_config()["regularizers"]["kinetic"] == 0.01
 
 
 def test_keras_save_and_load_keep_image_bits_per_dim(tmp_path):

@@ -58,7 +58,7 @@ def test_architecture_shapes(shape, scales, latents):
     assert model.n_scales == default_scales(*shape[:2]) == scales
     # Two blocks before and two after each squeeze, two at the last scale.
     assert len(model.blocks) == 4 * (scales - 1) + 2
-    assert model._latent_shapes() == latents
+    assert model.latent_shapes == latents
     assert sum(math.prod(s) for s in latents) == math.prod(shape)
     # After each squeeze the blocks see four times the channels, then half go.
     channels = [b.dynamics._z_shape[-1] for b in model.blocks]
@@ -68,7 +68,7 @@ def test_architecture_shapes(shape, scales, latents):
 def test_forward_shapes_and_log_prob_per_sample():
     model = tiny_model(dtype="float32", step_size=0.5)
     y = np.random.default_rng(1).uniform(0.1, 0.9, (5, 4, 4, 1)).astype("float32")
-    latents, logdet, _, _ = model._encode(y)
+    latents, logdet, _ = model.encode(y)
     assert [tuple(z.shape) for z in latents] == [(5, 2, 2, 2), (5, 2, 2, 2)]
     assert tuple(logdet.shape) == (5,)
     assert tuple(model.log_prob(y).shape) == (5,)
@@ -76,13 +76,13 @@ def test_forward_shapes_and_log_prob_per_sample():
 
 def test_log_det_matches_a_brute_force_jacobian():
     model = tiny_model()
-    fn = tf.function(lambda v: model._encode(v))
+    fn = tf.function(lambda v: model.encode(v))
     y = np.random.default_rng(2).uniform(0.2, 0.8, (1, 4, 4, 1))
     d, h = y.size, 1e-6
     # Every perturbed image in one batch: rows are independent.
     steps = np.eye(d).reshape(d, 4, 4, 1) * h
     batch = np.concatenate([y, y + steps, y - steps])
-    latents, logdet, _, _ = fn(tf.constant(batch))
+    latents, logdet, _ = fn(tf.constant(batch))
     z = flat([t.numpy() for t in latents])
     jac = (z[1:d + 1] - z[d + 1:]).T / (2 * h)
     sign, brute = np.linalg.slogdet(jac)
@@ -94,11 +94,12 @@ def test_log_det_matches_a_brute_force_jacobian():
 def test_inverse_recovers_the_input_and_samples_are_images():
     model = tiny_model(method="dopri5", rtol=1e-9, atol=1e-9, step_size=None)
     y = np.random.default_rng(3).uniform(0.1, 0.9, (3, 4, 4, 1))
-    logit_y, _ = model.logit(y)
-    latents, _, _, _ = model._forward(logit_y, False, False)
-    back = model._inverse(latents)
+    latents, log_det, _ = model.encode(y)
+    back, back_log_det = model.decode(latents)
     assert np.max(np.abs(flat(latents) - y.reshape(3, -1))) > 0.1
-    np.testing.assert_allclose(back.numpy(), logit_y.numpy(), atol=1e-6)
+    np.testing.assert_allclose(back.numpy(), y, atol=1e-6)
+    # The generative direction's log-det is the density direction's, negated.
+    np.testing.assert_allclose(back_log_det.numpy(), -log_det.numpy(), rtol=1e-6)
 
     image_model = tiny_model(levels=17, dtype="float32", step_size=0.5)
     samples = image_model.sample(6, seed=1).numpy()
@@ -116,12 +117,12 @@ def test_bits_per_dim_is_the_sum_of_its_parts():
     h, logdet = LogitTransform(ALPHA, dtype="float64")((x + 0.5) / 17)
     logdet = logdet.numpy()
     b0, b1, b2 = model.blocks
-    h, d = b0(h)
+    h, d, _ = b0(h)
     logdet -= d.numpy()
-    h, d = b1(squeeze(h))
+    h, d, _ = b1(squeeze(h))
     logdet -= d.numpy()
     factored, h = h[..., 2:], h[..., :2]
-    h, d = b2(h)
+    h, d, _ = b2(h)
     logdet -= d.numpy()
     base = sum(norm.logpdf(np.reshape(z, (4, -1))).sum(axis=1) for z in (factored, h))
     expected = -((base + logdet) / 16 - math.log(17)) / math.log(2)

@@ -300,9 +300,10 @@ class RNODE(keras.Model):
         if known is not None and bool(known):
             return values
         if known is not None and strict:
-            block = next(b for b in self.blocks if int(backend.static_value(b.stats["status"])))
-            status = Status.name(backend.static_value(block.stats["status"]))
-            nfe = int(backend.static_value(block.stats["nfe"]))
+            stats = [{k: int(ops.convert_to_numpy(v)) for k, v in b.stats.items()}
+                     for b in self.blocks]
+            block, stat = next((b, s) for b, s in zip(self.blocks, stats) if s["status"])
+            status, nfe = Status.name(stat["status"]), stat["nfe"]
             raise SolveFailed(f"the {what} solve of {block.name} ended with status {status} "
                               f"after {nfe} function evaluations; its result would be wrong")
         return [ops.where(ok, v, ops.full_like(v, float("nan"))) for v in values]
