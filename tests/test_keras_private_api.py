@@ -17,8 +17,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rnode.callbacks import StepBackup
 from keras_rnode.optimizers import SkipBadSteps
+from keras_rnode.resumable import StepBackup
 
 pytestmark = pytest.mark.backends
 
@@ -66,7 +66,7 @@ class Reliance:
 
 
 BACKUP = "keras.callbacks.BackupAndRestore"
-CALLBACKS = "keras_rnode/callbacks.py"
+RESUMABLE = "keras_rnode/resumable.py"
 OPTIMIZER = "keras.optimizers.LossScaleOptimizer"
 OPTIMIZERS = "keras_rnode/optimizers.py"
 # Keras's own handling, which would run in place of an override it no longer calls.
@@ -77,7 +77,7 @@ BAD_STEPS_UNCOUNTED = "bad steps halve the loss scale instead of being counted i
 
 def step_backup_hook(name, breaks):
     """A private BackupAndRestore method that StepBackup overrides."""
-    return Reliance(name, BACKUP, f"{CALLBACKS} (StepBackup)", f"exact resume breaks: {breaks}",
+    return Reliance(name, BACKUP, f"{RESUMABLE} (StepBackup)", f"exact resume breaks: {breaks}",
                     lambda tmp_path: keras.callbacks.BackupAndRestore, override=StepBackup)
 
 
@@ -97,18 +97,18 @@ RELIANCES = [
         expect=lambda model: isinstance(model._loss_tracker, keras.metrics.Mean),
         expectation="a keras.metrics.Mean after compile"),
     Reliance(
-        "_initial_epoch", "keras.Model", f"{CALLBACKS} (StepBackup._load_model)",
+        "_initial_epoch", "keras.Model", f"{RESUMABLE} (StepBackup._load_model)",
         "exact resume breaks: a resumed fit counts its epochs from 0 again",
         compiled_model),
     step_backup_hook("_load_model", "the step and the seed-generator states are not restored"),
     step_backup_hook("_save_model", "checkpoints are not atomic and lack the step and the "
                                     "seed-generator states"),
     Reliance(
-        "_current_epoch", BACKUP, f"{CALLBACKS} (StepBackup._load_model, _save_model)",
+        "_current_epoch", BACKUP, f"{RESUMABLE} (StepBackup._load_model, _save_model)",
         "exact resume breaks: checkpoints cannot be written, or record a stale epoch",
         started_backup),
     Reliance(
-        "_last_batch_seen", BACKUP, f"{CALLBACKS} (StepBackup._save_model)",
+        "_last_batch_seen", BACKUP, f"{RESUMABLE} (StepBackup._save_model)",
         "checkpoints cannot be written: their metadata records the batch",
         started_backup),
     skip_bad_steps_hook("_stateful_handle_finite_grads", "TensorFlow and PyTorch",
@@ -150,7 +150,7 @@ def test_seed_generator_state_keeps_its_name():
     names = [v.name for v in layer.variables]
     assert "seed_generator_state" in names, (
         f"keras {keras.__version__}: a SeedGenerator's variable is now named {names}; "
-        f"{CALLBACKS} (StepBackup._seed_states) looks for 'seed_generator_state', so exact "
+        f"{RESUMABLE} (StepBackup._seed_states) looks for 'seed_generator_state', so exact "
         "resume would restore no random-seed state")
 
 
