@@ -12,9 +12,118 @@ those of an uninterrupted run on the same machine and backend.
 """
 
 import contextlib
+import json
+import os
+
+import keras
+import numpy as np
 
 from keras_rnode.backend.distribute import fit_input
-from keras_rnode.callbacks import StepBackup
+
+
+class StepBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that saves every `save_freq` steps, atomically, and knows the step.
+
+    Each save writes fresh files (model and optimizer state, and the
+    states of the layers' random seed generators) and then atomically replaces
+    `training_metadata.json`, which names it, so a process killed at any
+    moment leaves a consistent checkpoint. The metadata also records the
+    global step, so a caller that skips that many batches of a seeded input
+    stream (`resume_step`) continues exactly where the run stopped. The
+    checkpoint is kept after training (delete_checkpoint=False by default).
+    Training stopped by a watch (`model.stop_training`) leaves the last
+    periodic checkpoint in place; a normal end saves the final state.
+    """
+
+    def __init__(self, backup_dir, save_freq, delete_checkpoint=False):
+        if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
+            raise ValueError(f"save_freq must be a positive number of steps, got {save_freq!r}")
+        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
+        self.step = 0
+
+    @staticmethod
+    def resume_step(backup_dir):
+        """The global step of the checkpoint in backup_dir, or None if there is none."""
+        meta = StepBackup._read_metadata(backup_dir)
+        return None if meta is None else int(meta["step"])
+
+    @staticmethod
+    def _read_metadata(backup_dir):
+        path = os.path.join(backup_dir, "training_metadata.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    # Overrides a private BackupAndRestore hook, as _save_model does; the
+    # private names StepBackup uses are checked by tests/test_keras_private_api.py.
+    def _load_model(self):
+        meta = self._read_metadata(self.backup_dir)
+        if meta is None:
+            return
+        if not self.model.built:
+            raise ValueError("StepBackup: build the model (call it on a batch) before fit")
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, meta["weights"]))
+        if meta.get("seeds"):
+            with np.load(os.path.join(self.backup_dir, meta["seeds"])) as saved:
+                states = self._seed_states()
+                if len(saved.files) != len(states):
+                    raise ValueError(f"{self.backup_dir}: the checkpoint has {len(saved.files)} "
+                                     f"random-seed states, this model {len(states)}; it is "
+                                     "not this model's checkpoint")
+                for i, state in enumerate(states):
+                    state.assign(saved[f"seed_{i}"])
+        # Private Keras state that fit and the base callback resume from
+        # (tests/test_keras_private_api.py).
+        self.model._initial_epoch = int(meta["epoch"]) or None
+        self.step = int(meta["step"])
+        self._current_epoch = int(meta["epoch"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        super().on_train_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)  # save_freq is an int: counts, does not save
+
+    def on_train_end(self, logs=None):
+        if not self.model.stop_training:
+            self._save_model()
+        super().on_train_end(logs)
+
+    # A private hook the base calls every save_freq steps (tests/test_keras_private_api.py).
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        old = self._read_metadata(self.backup_dir)
+        name = f"step-{self.step:09d}.weights.h5"
+        path = os.path.join(self.backup_dir, name)
+        self.model.save_weights(path, overwrite=True)
+        seeds = f"step-{self.step:09d}.seeds.npz"
+        np.savez(os.path.join(self.backup_dir, seeds),
+                 **{f"seed_{i}": keras.ops.convert_to_numpy(v)
+                    for i, v in enumerate(self._seed_states())})
+        # The base callback's private counters (tests/test_keras_private_api.py).
+        meta = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                "step": self.step, "weights": name, "seeds": seeds}
+        tmp = os.path.join(self.backup_dir, "training_metadata.json.partial")
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.backup_dir, "training_metadata.json"))
+        if old is not None and old["weights"] != name:
+            for key in ("weights", "seeds"):
+                try:
+                    os.remove(os.path.join(self.backup_dir, old[key]))
+                except (FileNotFoundError, KeyError):
+                    pass
+
+    def _seed_states(self):
+        # save_weights leaves out the seed generators (Hutchinson noise,
+        # dequantization); an exact resume needs their states too.
+        return [v for v in self.model.variables if v.name == "seed_generator_state"]
 
 
 def phases(start, steps_per_epoch, epochs):

@@ -1,15 +1,19 @@
-"""The private Keras (and two TensorFlow) names keras-rnode relies on are still there, as we use them.
+"""The private Keras (and two TensorFlow, one TensorFlow Probability) names keras-rnode relies
+on are still there, as we use them.
 
 NaN-skipping (`SkipBadSteps`), exact resume (`StepBackup`) and the
 logged loss of skipped steps (`RNODE.compile`) override or read Keras
-attributes that are not public API. A Keras release may rename or
-reshape them without warning, and the package would then go on running,
-wrongly: each test below names the attribute, the keras_rnode file that
-relies on it and what breaks. The upper bound on `keras` in setup.cfg is
-the newest version these tests passed on; raise it only after they pass.
+attributes that are not public API; the TFP bijector shares a solve
+between a value and its log-det through a TFP-internal cache. A release
+may rename or reshape them without warning, and the package would then go
+on running, wrongly: each test below names the attribute, the keras_rnode
+file that relies on it and what breaks. The upper bounds on `keras` and
+`tensorflow-probability` in setup.cfg are the newest versions these tests
+passed on; raise one only after they pass.
 """
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -17,8 +21,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rnode.callbacks import StepBackup
 from keras_rnode.optimizers import SkipBadSteps
+from keras_rnode.resumable import StepBackup
 
 pytestmark = pytest.mark.backends
 
@@ -66,7 +70,7 @@ class Reliance:
 
 
 BACKUP = "keras.callbacks.BackupAndRestore"
-CALLBACKS = "keras_rnode/callbacks.py"
+RESUMABLE = "keras_rnode/resumable.py"
 OPTIMIZER = "keras.optimizers.LossScaleOptimizer"
 OPTIMIZERS = "keras_rnode/optimizers.py"
 # Keras's own handling, which would run in place of an override it no longer calls.
@@ -77,7 +81,7 @@ BAD_STEPS_UNCOUNTED = "bad steps halve the loss scale instead of being counted i
 
 def step_backup_hook(name, breaks):
     """A private BackupAndRestore method that StepBackup overrides."""
-    return Reliance(name, BACKUP, f"{CALLBACKS} (StepBackup)", f"exact resume breaks: {breaks}",
+    return Reliance(name, BACKUP, f"{RESUMABLE} (StepBackup)", f"exact resume breaks: {breaks}",
                     lambda tmp_path: keras.callbacks.BackupAndRestore, override=StepBackup)
 
 
@@ -97,18 +101,18 @@ RELIANCES = [
         expect=lambda model: isinstance(model._loss_tracker, keras.metrics.Mean),
         expectation="a keras.metrics.Mean after compile"),
     Reliance(
-        "_initial_epoch", "keras.Model", f"{CALLBACKS} (StepBackup._load_model)",
+        "_initial_epoch", "keras.Model", f"{RESUMABLE} (StepBackup._load_model)",
         "exact resume breaks: a resumed fit counts its epochs from 0 again",
         compiled_model),
     step_backup_hook("_load_model", "the step and the seed-generator states are not restored"),
     step_backup_hook("_save_model", "checkpoints are not atomic and lack the step and the "
                                     "seed-generator states"),
     Reliance(
-        "_current_epoch", BACKUP, f"{CALLBACKS} (StepBackup._load_model, _save_model)",
+        "_current_epoch", BACKUP, f"{RESUMABLE} (StepBackup._load_model, _save_model)",
         "exact resume breaks: checkpoints cannot be written, or record a stale epoch",
         started_backup),
     Reliance(
-        "_last_batch_seen", BACKUP, f"{CALLBACKS} (StepBackup._save_model)",
+        "_last_batch_seen", BACKUP, f"{RESUMABLE} (StepBackup._save_model)",
         "checkpoints cannot be written: their metadata records the batch",
         started_backup),
     skip_bad_steps_hook("_stateful_handle_finite_grads", "TensorFlow and PyTorch",
@@ -150,7 +154,7 @@ def test_seed_generator_state_keeps_its_name():
     names = [v.name for v in layer.variables]
     assert "seed_generator_state" in names, (
         f"keras {keras.__version__}: a SeedGenerator's variable is now named {names}; "
-        f"{CALLBACKS} (StepBackup._seed_states) looks for 'seed_generator_state', so exact "
+        f"{RESUMABLE} (StepBackup._seed_states) looks for 'seed_generator_state', so exact "
         "resume would restore no random-seed state")
 
 
@@ -193,3 +197,71 @@ def test_a_model_made_under_a_strategy_still_knows_it():
     assert getattr(compiled_model(None), "_distribute_strategy", 0) is None, (
         problem % "_distribute_strategy")
     assert hasattr(model, "_maybe_symbolic_build"), problem % "_maybe_symbolic_build"
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TFP runs on TensorFlow")
+def test_tfp_greedy_bijector_cache_still_shares_one_pass():
+    # keras_rnode/distributions.py (RNODEBijector._cache) builds TFP's internal
+    # BijectorCacheWithGreedyAttrs(forward_name=..., inverse_name=...): each call of the
+    # named method returns (value, {"fldj", "ildj"}), so the log-det query after a value
+    # call reads the cache instead of solving again, and clear() forgets old entries.
+    tfp = pytest.importorskip("tensorflow_probability")
+    import tensorflow as tf
+
+    problem = (f"tensorflow-probability {tfp.__version__}: "
+               "tensorflow_probability.python.internal.cache_util.BijectorCacheWithGreedyAttrs "
+               "%s. keras_rnode/distributions.py (RNODEBijector) relies on it as it was; "
+               "otherwise as_distribution does not import, or solves twice per log_prob, or "
+               "answers from weights it had before. Adapt that code before raising the "
+               "tensorflow-probability bound in setup.cfg.")
+    try:
+        from tensorflow_probability.python.internal.cache_util import (
+            BijectorCacheWithGreedyAttrs,
+        )
+    except ImportError:
+        pytest.fail(problem % "is gone")
+    params = list(inspect.signature(BijectorCacheWithGreedyAttrs).parameters)
+    assert {"forward_name", "inverse_name"} <= set(params), problem % (
+        f"now takes ({', '.join(params)}), not forward_name and inverse_name")
+    calls = []
+
+    class Double(tfp.bijectors.Bijector):
+        _cache = BijectorCacheWithGreedyAttrs(forward_name="_forward_and_log_det",
+                                              inverse_name="_inverse_and_log_det")
+
+        def __init__(self):
+            super().__init__(forward_min_event_ndims=0, parameters={}, name="double")
+
+        @classmethod
+        def _parameter_properties(cls, dtype):
+            return {}
+
+        def _forward_and_log_det(self, x):
+            calls.append("forward")
+            log_det = tf.fill(tf.shape(x), math.log(2.0))
+            return 2.0 * x, {"fldj": log_det, "ildj": -log_det}
+
+        def _inverse_and_log_det(self, y):
+            calls.append("inverse")
+            log_det = tf.fill(tf.shape(y), -math.log(2.0))
+            return y / 2.0, {"ildj": log_det, "fldj": -log_det}
+
+        def _forward(self, x):
+            return self._forward_and_log_det(x)[0]
+
+        def _inverse(self, y):
+            return self._inverse_and_log_det(y)[0]
+
+        def _forward_log_det_jacobian(self, x):
+            return self._forward_and_log_det(x)[1]["fldj"]
+
+    bijector, x = Double(), tf.constant([1.0, 3.0])
+    y = bijector.forward(x)
+    fldj = bijector.forward_log_det_jacobian(x, event_ndims=0)
+    ildj = bijector.inverse_log_det_jacobian(y, event_ndims=0)
+    assert calls == ["forward"], problem % f"no longer shares one pass (calls: {calls})"
+    np.testing.assert_allclose(fldj.numpy(), [math.log(2.0)] * 2, rtol=1e-6)
+    np.testing.assert_allclose(ildj.numpy(), [-math.log(2.0)] * 2, rtol=1e-6)
+    bijector._cache.clear()
+    bijector.forward_log_det_jacobian(x, event_ndims=0)
+    assert calls == ["forward", "forward"], problem % "no longer forgets its entries on clear()"

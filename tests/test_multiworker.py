@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from keras_rnode import callbacks
 from keras_rnode.cli import main
+from keras_rnode.resumable import StepBackup
 from tests.backend_utils import assert_same_step
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -177,7 +177,7 @@ def test_a_killed_worker_ends_the_run_with_a_message(tmp_path):
     with workers(argv, tmp_path) as procs:
         backup = str(out / "checkpoint")
         deadline = time.monotonic() + 300
-        while (callbacks.StepBackup.resume_step(backup) or 0) < 2:
+        while (StepBackup.resume_step(backup) or 0) < 2:
             assert all(p.poll() is None for p in procs), log(tmp_path, 0)[-3000:]
             assert time.monotonic() < deadline, "the workers never trained"
             time.sleep(0.1)
@@ -207,7 +207,7 @@ def test_killed_workers_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
     with workers([*args, "--out", str(killed)], tmp_path / "b") as procs:
         backup = str(killed / "checkpoint")
         deadline = time.monotonic() + 300
-        while (callbacks.StepBackup.resume_step(backup) or 0) < 4:
+        while (StepBackup.resume_step(backup) or 0) < 4:
             assert all(p.poll() is None for p in procs), log(tmp_path / "b", 0)[-3000:]
             assert time.monotonic() < deadline, "the workers never trained"
             time.sleep(0.05)

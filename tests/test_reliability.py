@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 
 import keras_rnode as kr
-from keras_rnode.callbacks import BadSteps, NFEWatch, SolverFailures, StepBackup
+from keras_rnode.callbacks import BadSteps, NFEWatch, SolverFailures
 from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.evaluation import log_prob_batches
 from keras_rnode.optimizers import SkipBadSteps
+from keras_rnode.resumable import StepBackup
 from tests.backend_utils import build_optimizer
 
 

@@ -19,7 +19,7 @@ from keras_rnode import callbacks
 from keras_rnode.cli import main
 from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.optimizers import SkipBadSteps
-from keras_rnode.resumable import fit_resumable, phases
+from keras_rnode.resumable import StepBackup, fit_resumable, phases
 from keras_rnode.runs import load_model
 
 # 256 points in batches of 64: 4 steps an epoch. Fast evaluation and picture; Euler
@@ -58,6 +58,11 @@ def test_phases_finish_the_interrupted_epoch_first():
     assert phases(12, 4, 3) == []
     with pytest.raises(ValueError, match="outside"):
         phases(13, 4, 3)
+
+
+def test_step_backup_is_still_importable_from_callbacks():
+    # Its home moved to resumable.py; code written against keras_rnode.callbacks still runs.
+    assert callbacks.StepBackup is StepBackup
 
 
 def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
@@ -183,7 +188,7 @@ def test_library_resume_restores_weights_optimizer_and_noise(tmp_path):
     whole = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", interrupt=5)
-    assert callbacks.StepBackup.resume_step(str(tmp_path / "b")) == 3
+    assert StepBackup.resume_step(str(tmp_path / "b")) == 3
     for a, b in zip(whole, run(tmp_path / "b")):
         np.testing.assert_array_equal(a, b)
 
@@ -212,7 +217,7 @@ def test_killed_training_process_resumes_to_the_same_weights(tmp_path):
     killed = tmp_path / "killed"
     proc = rnode("train", *args, "--out", killed)
     backup = str(killed / "checkpoint")
-    wait_for(lambda: (callbacks.StepBackup.resume_step(backup) or 0) >= 8, proc)
+    wait_for(lambda: (StepBackup.resume_step(backup) or 0) >= 8, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     result = invoke("train", "--resume", "--out", killed)
@@ -245,7 +250,7 @@ def test_killed_two_device_run_resumes_to_the_same_weights(tmp_path, backend):
                             env=env)
     try:
         backup = str(killed / "checkpoint")
-        wait_for(lambda: (callbacks.StepBackup.resume_step(backup) or 0) >= 8, proc)
+        wait_for(lambda: (StepBackup.resume_step(backup) or 0) >= 8, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

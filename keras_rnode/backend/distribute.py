@@ -224,20 +224,21 @@ def replica_count():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def replica_noise(kind, shape, dtype, seed_generator):
-    """This replica's Hutchinson probes ("gaussian" or "rademacher"), or None with one replica.
+def replica_random(seed_generator):
+    """This replica's own random draws, or None with one replica: (normal, randint), called
+    as keras.random's are but without a seed, drawing one seed from `seed_generator`.
 
     Every replica of a MirroredStrategy runs the step from the same seed
     state, so the seed generator alone would give them all the same
-    probes: their estimates would be correlated, and averaging the
-    replicas' gradients would not average the noise away. The replica id
-    is folded into the drawn seed instead. With one replica (no strategy,
-    a cross-replica call, or off TensorFlow) None: the caller draws as it
-    always has, so single-device runs keep their noise bit for bit.
-    JAX needs nothing here: under `keras.distribution.DataParallel` the
-    step is one program over the global batch, so one draw gives every
-    sample its own probe, each device the rows of its share (the same
-    probes as on one device).
+    Hutchinson probes: their estimates would be correlated, and averaging
+    the replicas' gradients would not average the noise away. The replica
+    id is folded into the drawn seed instead. With one replica (no
+    strategy, a cross-replica call, or off TensorFlow) None: the caller
+    draws from the generator as it always has, so single-device runs keep
+    their noise bit for bit. JAX needs nothing here: under
+    `keras.distribution.DataParallel` the step is one program over the
+    global batch, so one draw gives every sample its own probe, each device
+    the rows of its share (the same probes as on one device).
     """
     if keras.backend.backend() != "tensorflow":
         return None
@@ -250,10 +251,15 @@ def replica_noise(kind, shape, dtype, seed_generator):
     # stateless ops take under XLA.
     seed = tf.cast(tf.math.floormod(seed_generator.next(), tf.int32.max - 1), tf.int32)
     seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
-    if kind == "gaussian":
+
+    def normal(shape, dtype):
         return tf.random.stateless_normal(shape, seed, dtype=dtype)
-    bits = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32)
-    return tf.cast(2 * bits - 1, dtype)
+
+    def randint(shape, minval, maxval):
+        return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval,
+                                           dtype=tf.int32)
+
+    return normal, randint
 
 
 def fit_input(model, make_data, start):

@@ -1,7 +1,21 @@
 """Data: FFJORD's 2-D toy distributions, scikit-learn digits, MNIST, CIFAR-10, tf.data,
 and the lookup of a data set by name (`load_data`)."""
 
-from keras_rnode.lazy import lazy_package
+from typing import TYPE_CHECKING
+
+from keras_rnode import lazy
+
+# What tools read; at run time each name is imported when first read
+# (keras_rnode.lazy): the names of the data sets load without keras, the
+# tf.data pipeline with TensorFlow.
+if TYPE_CHECKING:
+    from keras_rnode.datasets.images import (CIFAR10_LEVELS, DIGITS_LEVELS, MNIST_LEVELS,
+                                             cifar10, digits, mnist)
+    from keras_rnode.datasets.pipeline import make_dataset
+    from keras_rnode.datasets.registry import (IMAGE_DATASETS, TOY_TEST_SIZE, check_dataset,
+                                               dataset_name, is_image_dataset, load_data,
+                                               load_npy)
+    from keras_rnode.datasets.toy import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
 
 __all__ = [
     "CIFAR10_LEVELS",
@@ -23,18 +37,4 @@ __all__ = [
     "toy",
     "toy_entropy",
 ]
-
-# Each name is imported when first read (keras_rnode.lazy): the names of the
-# data sets load without keras, the tf.data pipeline with TensorFlow.
-lazy_package(__name__, {
-    **{name: "keras_rnode.datasets.images" for name in ("CIFAR10_LEVELS", "DIGITS_LEVELS",
-                                                        "MNIST_LEVELS", "cifar10", "digits",
-                                                        "mnist")},
-    "make_dataset": "keras_rnode.datasets.pipeline",
-    **{name: "keras_rnode.datasets.registry" for name in ("IMAGE_DATASETS", "TOY_TEST_SIZE",
-                                                          "check_dataset", "dataset_name",
-                                                          "is_image_dataset", "load_data",
-                                                          "load_npy")},
-    **{name: "keras_rnode.datasets.toy" for name in ("TOY_CLASSES", "TOY_NAMES", "toy",
-                                                     "toy_entropy")},
-})
+__getattr__, __dir__ = lazy.attach(__name__)

@@ -1,6 +1,18 @@
 """Keras layers: dynamics networks, the CNF block and data transforms."""
 
-from keras_rnode.lazy import lazy_package
+from typing import TYPE_CHECKING
+
+from keras_rnode import lazy
+
+# What tools read; at run time each name is imported when first read
+# (keras_rnode.lazy): the package's option names (divergence.TRACES) load
+# without keras.
+if TYPE_CHECKING:
+    from keras_rnode.layers.cnf import CNF
+    from keras_rnode.layers.dynamics import (ConcatConvNet, ConcatSquashConvNet, ConcatSquashMLP,
+                                             Flattened)
+    from keras_rnode.layers.squeeze import squeeze, unsqueeze
+    from keras_rnode.layers.transforms import Dequantize, LogitTransform
 
 __all__ = [
     "CNF",
@@ -13,13 +25,4 @@ __all__ = [
     "squeeze",
     "unsqueeze",
 ]
-
-# Each name is imported when first read (keras_rnode.lazy): the package's
-# option names (divergence.TRACES) load without keras.
-lazy_package(__name__, {
-    "CNF": "keras_rnode.layers.cnf",
-    **{name: "keras_rnode.layers.dynamics" for name in ("ConcatConvNet", "ConcatSquashConvNet",
-                                                        "ConcatSquashMLP", "Flattened")},
-    **{name: "keras_rnode.layers.squeeze" for name in ("squeeze", "unsqueeze")},
-    **{name: "keras_rnode.layers.transforms" for name in ("Dequantize", "LogitTransform")},
-})
+__getattr__, __dir__ = lazy.attach(__name__)

@@ -9,6 +9,7 @@ v^T J) is the backend's choice: see `backend.jacobian_product`.
 penalties take.
 """
 
+import functools
 import math
 
 # keras is imported when used, so that the command line's help loads without it.
@@ -39,7 +40,7 @@ def draw_probes(kind, shape, dtype, seed):
 
     `seed`: a keras.random.SeedGenerator (fresh probes at every draw: for
     training, each replica of a tf.distribute strategy drawing its own, see
-    `distribute.replica_noise`), or an int (the same probes for the same
+    `distribute.replica_random`), or an int (the same probes for the same
     shape at every draw, in every process: for evaluation).
     """
     import keras
@@ -47,14 +48,14 @@ def draw_probes(kind, shape, dtype, seed):
 
     from keras_rnode.backend import distribute
 
+    draws = None
     if isinstance(seed, keras.random.SeedGenerator):
-        per_replica = distribute.replica_noise(kind, shape, dtype, seed)
-        if per_replica is not None:
-            return per_replica
+        draws = distribute.replica_random(seed)
+    normal, randint = draws or (functools.partial(keras.random.normal, seed=seed),
+                                functools.partial(keras.random.randint, seed=seed))
     if kind == "gaussian":
-        return keras.random.normal(shape, dtype=dtype, seed=seed)
-    bits = keras.random.randint(shape, 0, 2, seed=seed)
-    return ops.cast(2 * bits - 1, dtype)
+        return normal(shape, dtype=dtype)
+    return ops.cast(2 * randint(shape, 0, 2) - 1, dtype)
 
 
 def hutchinson(fn, z, eps, *per_sample):

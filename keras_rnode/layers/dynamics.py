@@ -77,13 +77,19 @@ def _activation(layer, identifier):
 
 
 def _scalar_time(layer, t, dtype):
-    t = ops.convert_to_tensor(t, dtype=dtype)
+    """The ODE time `t` (a Python number or a tensor) as a scalar tensor of `dtype`.
+
+    Keras takes only tensors as a layer's positional arguments, so the nets
+    convert t before calling into Keras: solvers and users may pass a number.
+    """
+    if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
+        t = ops.convert_to_tensor(t, dtype=dtype)
     shape = checks.static_shape(t)
     if None not in shape and math.prod(shape) != 1:
         raise ValueError(
             f"{layer}: t must be a scalar (the ODE time), got shape {shape}"
         )
-    return ops.reshape(t, ())
+    return ops.reshape(ops.cast(t, dtype), ())
 
 
 # ---------------------------------------------------------------- blocks --
@@ -238,10 +244,7 @@ class _DynamicsNet(keras.layers.Layer):
         return shape
 
     def __call__(self, t, z, context=None, **kwargs):
-        # Keras accepts only tensors as positional arguments; let solvers
-        # and users pass the time as a plain number.
-        if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
-            t = ops.convert_to_tensor(t, dtype=self.compute_dtype)
+        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
         if (context is None) != (self.context_dim is None):
             raise ValueError(
                 f"{type(self).__name__} '{self.name}': built with context_dim="
@@ -271,7 +274,6 @@ class _DynamicsNet(keras.layers.Layer):
                 f"{type(self).__name__} '{self.name}': built for last "
                 f"dimension {self._z_shape[-1]}, got z of shape {shape}"
             )
-        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
         extra = ()
         if context is not None:
             extra = (self._checked_context(context, shape),)
@@ -447,8 +449,7 @@ class Flattened(keras.layers.Layer):
         return getattr(self.net, "context_dim", None)
 
     def __call__(self, t, z, context=None, **kwargs):
-        if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
-            t = ops.convert_to_tensor(t, dtype=self.compute_dtype)
+        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
         if context is None:
             return super().__call__(t, z, **kwargs)
         return super().__call__(t, z, context, **kwargs)
