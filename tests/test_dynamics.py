@@ -168,7 +168,31 @@ def test_bad_kernel_size_and_time():
     with pytest.raises(ValueError, match="ConcatConvNet.*kernel_size"):
         ConcatConvNet(kernel_size=0)
     with pytest.raises(ValueError, match="t must be a scalar"):
-        make(ConcatSquashMLP)(tf.zeros((5,)), sample(ConcatSquashMLP))
+        make(ConcatSquashMLP)(tf.zeros((5, 1)), sample(ConcatSquashMLP))
+    with pytest.raises(ValueError, match=r"one time per sample must be \(batch,\)"):
+        make(ConcatSquashMLP)(tf.zeros((4,)), sample(ConcatSquashMLP))
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("context", [False, True])
+def test_one_time_per_sample_equals_each_row_at_its_own_time(cls, context):
+    if context and cls is ConcatConvNet:
+        pytest.skip("ConcatConvNet takes no context")
+    options = {"context_dim": 3} if context else {}
+    net = make(cls, zero_init_last=False, **options)
+    z = sample(cls)
+    n = len(z)
+    extra = (np.random.default_rng(1).normal(size=(n, 3)).astype("float32"),) if context \
+        else ()
+    t = np.linspace(0.1, 0.9, n).astype("float32")
+    together = ops.convert_to_numpy(net(ops.convert_to_tensor(t), z, *extra))
+    for i in range(n):
+        alone = ops.convert_to_numpy(net(float(t[i]), z[i:i + 1], *(e[i:i + 1] for e in extra)))
+        np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    # Each row really sees its own time.
+    same = ops.convert_to_numpy(net(float(t[0]), z, *extra))
+    assert np.abs(same[1:] - together[1:]).max() > 1e-4
 
 
 def test_validate_dynamics_output():

@@ -1,7 +1,8 @@
 """Time-conditioned dynamics networks f(t, z) for continuous normalizing flows.
 
 Each network is a Keras layer called as ``net(t, z)``: ``t`` is the scalar ODE
-time and ``z`` a batch of states; the result has ``z``'s shape. The layers
+time (or one time per sample, shape (batch,), as flow matching draws them)
+and ``z`` a batch of states; the result has ``z``'s shape. The layers
 follow FFJORD's time-conditioned blocks (Grathwohl et al., 2019):
 
 - ``ConcatSquashMLP``: dense layers ``(W x + b) * sigmoid(w_g t + b_g) + w_h t``.
@@ -76,8 +77,9 @@ def _activation(layer, identifier):
     return fn, keras.activations.serialize(fn)
 
 
-def _scalar_time(layer, t, dtype):
-    """The ODE time `t` (a Python number or a tensor) as a scalar tensor of `dtype`.
+def _time(layer, t, dtype):
+    """The ODE time `t` (a Python number or a tensor) as a tensor of `dtype`: a scalar, or
+    a (batch,) vector of one time per sample (flow matching draws one per sample).
 
     Keras takes only tensors as a layer's positional arguments, so the nets
     convert t before calling into Keras: solvers and users may pass a number.
@@ -85,11 +87,19 @@ def _scalar_time(layer, t, dtype):
     if not (ops.is_tensor(t) or isinstance(t, keras.KerasTensor)):
         t = ops.convert_to_tensor(t, dtype=dtype)
     shape = checks.static_shape(t)
-    if None not in shape and math.prod(shape) != 1:
-        raise ValueError(
-            f"{layer}: t must be a scalar (the ODE time), got shape {shape}"
-        )
-    return ops.reshape(ops.cast(t, dtype), ())
+    if len(shape) > 1:
+        raise ValueError(f"{layer}: t must be a scalar (the ODE time) or one time per "
+                         f"sample, shape (batch,); got shape {shape}")
+    t = ops.cast(t, dtype)
+    return ops.reshape(t, ()) if shape in ((), (1,)) else t
+
+
+def _per_sample(t, like):
+    """t broadcastable against `like` (batch, ..., channels): as is when a scalar, else
+    (batch, 1, ..., 1)."""
+    if len(t.shape) == 0:
+        return t
+    return ops.reshape(t, (-1,) + (1,) * (len(like.shape) - 1))
 
 
 # ---------------------------------------------------------------- blocks --
@@ -141,7 +151,9 @@ def _add_squash_weights(layer, kernel_shape):
 
 def _squash(layer, out, t, context=None):
     """(out + b) * sigmoid(w_g t + b_g [+ c U_g]) + w_h t [+ c U_h], `out` = the kernel on x."""
-    # (n,) vectors from the scalar t, broadcast against out's last axis.
+    # (n,) vectors from a scalar t, broadcast against out's last axis; (batch, 1.., n)
+    # from one time per sample.
+    t = _per_sample(t, out)
     gate = layer.gate_kernel * t + layer.gate_bias
     shift = layer.hyper_bias * t
     if context is not None:
@@ -188,7 +200,7 @@ class _ConcatConv(_ConvBlock):
         # as in the concatenated form.
         ones = ops.ones((1, ops.shape(x)[1], ops.shape(x)[2], 1), dtype=x.dtype)
         time_map = ops.conv(ones, self.kernel[:, :, c:, :], padding="same")
-        return out + t * time_map + self.bias
+        return out + _per_sample(t, out) * time_map + self.bias
 
 
 class _ConcatSquashConv(_ConvBlock):
@@ -244,7 +256,7 @@ class _DynamicsNet(keras.layers.Layer):
         return shape
 
     def __call__(self, t, z, context=None, **kwargs):
-        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
+        t = _time(type(self).__name__, t, self.compute_dtype)
         if (context is None) != (self.context_dim is None):
             raise ValueError(
                 f"{type(self).__name__} '{self.name}': built with context_dim="
@@ -274,6 +286,10 @@ class _DynamicsNet(keras.layers.Layer):
                 f"{type(self).__name__} '{self.name}': built for last "
                 f"dimension {self._z_shape[-1]}, got z of shape {shape}"
             )
+        if len(t.shape) == 1 and not checks.shapes_agree(checks.static_shape(t), shape[:1]):
+            raise ValueError(f"{type(self).__name__} '{self.name}': one time per sample must "
+                             f"be (batch,) for z of shape {shape}, got shape "
+                             f"{checks.static_shape(t)}")
         extra = ()
         if context is not None:
             extra = (self._checked_context(context, shape),)
@@ -449,7 +465,7 @@ class Flattened(keras.layers.Layer):
         return getattr(self.net, "context_dim", None)
 
     def __call__(self, t, z, context=None, **kwargs):
-        t = _scalar_time(type(self).__name__, t, self.compute_dtype)
+        t = _time(type(self).__name__, t, self.compute_dtype)
         if context is None:
             return super().__call__(t, z, **kwargs)
         return super().__call__(t, z, context, **kwargs)
