@@ -11,8 +11,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __version__ = "0.1.0"
 __all__ = ["MultiscaleRNODE", "RNODE", "Solution", "SolverSettings", "Status", "StepController",
-           "backend", "callbacks", "datasets", "layers", "multiscale_rnode", "odeint",
-           "optimizers", "resumable", "solvers"]
+           "TrainSettings", "backend", "callbacks", "datasets", "layers", "multiscale_rnode",
+           "odeint", "optimizers", "resumable", "solvers"]
 
 # Each name is imported when first read (keras_rnode.lazy): the command line
 # starts without keras.
@@ -20,6 +20,7 @@ lazy_package(__name__, {
     "MultiscaleRNODE": "keras_rnode.models.multiscale",
     "multiscale_rnode": "keras_rnode.models.multiscale",
     "RNODE": "keras_rnode.models.rnode",
+    "TrainSettings": "keras_rnode.train_settings",
     **{name: "keras_rnode.solvers" for name in ("Solution", "SolverSettings", "Status",
                                                 "StepController", "odeint")},
 }, submodules=("backend", "callbacks", "datasets", "layers", "optimizers", "resumable",
