@@ -36,7 +36,7 @@ from keras_rnode.datasets.toy import TOY_NAMES, toy_entropy
 from keras_rnode.models.factory import build_model
 from keras_rnode.plots import plot_density, plot_trajectories, save_samples
 from keras_rnode.solvers.settings import FIELDS
-from keras_rnode.train_settings import (  # noqa: F401 - OptionConflict: callers catch it here
+from keras_rnode.train_settings import (
     DEFAULT_EPOCHS,
     DEFAULT_MIN_STEPS,
     EVALUATION_OPTIONS,

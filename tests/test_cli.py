@@ -440,6 +440,23 @@ def test_export_says_which_endpoints_it_wrote(toy_run, tmp_path, monkeypatch):
     assert hasattr(reloaded, "log_prob") and not hasattr(reloaded, "sample")
 
 
+@pytest.mark.slow  # two fresh JAX processes, a jax2tf export
+def test_a_jax_export_says_it_wrote_log_prob_alone(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+
+    def rnode(*args):
+        proc = subprocess.run([sys.executable, "-m", "keras_rnode.cli", *map(str, args)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    rnode("train", *TOY, "--quiet", "--out", tmp_path / "run")
+    out = rnode("export", tmp_path / "run", "--out", tmp_path / "e")
+    assert "(endpoints: log_prob)" in out
+    reloaded = tf.saved_model.load(str(tmp_path / "e"))
+    assert hasattr(reloaded, "log_prob") and not hasattr(reloaded, "sample")
+
+
 def test_exported_folders_take_the_umask(toy_run, tmp_path):
     """Like every other file: not tempfile.mkdtemp's 0700 (a staging folder renamed into place)."""
     previous = os.umask(0o027)
