@@ -28,6 +28,7 @@ from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.quiet_import import load_keras
 from keras_rnode.solvers.settings import FIXED_STEP_METHODS, GRADIENTS, METHODS
 from keras_rnode.train_settings import JIT_CHOICES, flag
+from keras_rnode.trajectories import STEPS as PATH_STEPS
 
 DEFAULTS = train_settings.TrainSettings()
 INT, COUNT = click.IntRange(min=1), click.IntRange(min=0)
@@ -347,7 +348,7 @@ def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, json_only, **s
                    "(t = 0) to the noise (t = T), through the trained flow: a picture "
                    "(FILE.png, 2-D runs) or the positions (FILE.npy, (blocks * steps + 1, n, "
                    "*event_shape)).")
-@click.option("--steps", default=runs.PATH_STEPS, show_default=True, type=INT,
+@click.option("--steps", default=PATH_STEPS, show_default=True, type=INT,
               help="With --trajectories: the pieces of each block's [0, T] a path is drawn "
                    "through.")
 @friendly_errors

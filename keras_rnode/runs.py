@@ -48,6 +48,7 @@ from keras_rnode.train_settings import (
     named_as_flags,
     spelled_out,
 )
+from keras_rnode.trajectories import STEPS
 
 # keras, and the modules that load it, are imported when used, so that the
 # command line's help loads without it.
@@ -64,9 +65,8 @@ SAVED_MODEL_DIR = "saved_model"
 # Options a resumed run may change: what to do on trouble, and how it shows.
 RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
                      "on_max_steps", "nfe_limit", "on_nfe_limit")
-# `rnode sample`: samples drawn unless told, and the pieces of [0, T] a path is drawn through.
+# `rnode sample`: the samples drawn unless told.
 SAMPLES = 64
-PATH_STEPS = 20
 
 
 class RunFailed(RuntimeError):
@@ -324,7 +324,7 @@ def write_samples(run_dir, n, out, seed=None):
     return tuple(samples.shape[1:])
 
 
-def write_trajectories(run_dir, n, out, steps=PATH_STEPS):
+def write_trajectories(run_dir, n, out, steps=STEPS):
     """The paths of the run's first n held-out points through its flow into `out` (.npy:
     the positions; .png: a picture); returns (points, pieces, length ratio)."""
     import numpy as np
