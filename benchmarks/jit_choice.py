@@ -4,8 +4,8 @@ One training step of the model `rnode train --dataset 8gaussians` builds,
 of the one `rnode train --dataset digits` builds (dense dynamics), and of
 the conv one `--architecture single` gives the digits, every other option
 at its default, each compiled under XLA (jit_compile=True) and in graph
-mode. The settings are the command's own (`keras_rnode.cli.train_settings`),
-the model and its optimizer `runs.compiled_model`'s; a step is the model's
+mode. The settings are the command's own (`kr.TrainSettings()` with the
+model's options), the model and its optimizer `runs.compiled_model`'s; a step is the model's
 `train_step` under `tf.function(jit_compile=...)`, as Keras's fit runs it,
 on the next batch of a seeded stream of the training data. Both modes of a
 data set step the same model (the same weights and optimizer state).
@@ -28,11 +28,11 @@ import click  # noqa: E402
 import _timing  # noqa: E402
 
 HEADING = "## XLA or graph mode for `rnode train --jit auto` (issue 15)"
-# What is timed: a label, and the `rnode train` options of its model.
+# What is timed: a label, and the `rnode train` options of its model (TrainSettings fields).
 MODELS = {
-    "8gaussians": ("--dataset", "8gaussians"),
-    "digits, dense (default)": ("--dataset", "digits"),
-    "digits, conv": ("--dataset", "digits", "--architecture", "single"),
+    "8gaussians": {"dataset": "8gaussians"},
+    "digits, dense (default)": {"dataset": "digits"},
+    "digits, conv": {"dataset": "digits", "architecture": "single"},
 }
 MODES = {"xla": True, "graph": False}
 
@@ -41,16 +41,14 @@ def step_variants(label, options, batch_size, seed):
     """{(label, mode): one training step} and what the model is, for `rnode train OPTIONS`."""
     import tensorflow as tf
 
+    import keras_rnode as kr
     from keras_rnode import runs
-    from keras_rnode.cli import train_settings
     from keras_rnode.datasets.pipeline import make_dataset
     from keras_rnode.datasets.registry import load_data
     from keras_rnode.datasets.toy import TOY_NAMES
 
-    args = [*options, "--seed", str(seed)]
-    if batch_size:
-        args += ["--batch-size", str(batch_size)]
-    settings = train_settings(args)
+    settings = kr.TrainSettings(**options, seed=seed,
+                                **({"batch_size": batch_size} if batch_size else {}))
     dataset = settings.dataset
     x, levels = load_data(dataset, "train", settings.n_train if dataset in TOY_NAMES else None,
                           seed=seed)
@@ -64,7 +62,8 @@ def step_variants(label, options, batch_size, seed):
     for mode, jit in MODES.items():
         step = tf.function(model.train_step, jit_compile=jit, reduce_retracing=True)
         variants[label, mode] = lambda step=step: (step(next(batches))["loss"],)
-    about = {"options": " ".join(options), "event_shape": event_shape, "batch": run.batch_size, "auto": run.jit,
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+    about = {"options": flags, "event_shape": event_shape, "batch": run.batch_size, "auto": run.jit,
              "hidden": run.hidden, "trace": run.trace, "solver": run.solver.describe(),
              "gradient": run.solver.gradient, "params": model.count_params(),
              "architecture": run.architecture}

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
                              regularizers, resumable, solvers)
     from keras_rnode.models.multiscale import MultiscaleRNODE, multiscale_rnode
     from keras_rnode.models.rnode import RNODE
-    from keras_rnode.runs import TrainSettings
+    from keras_rnode.train_settings import TrainSettings
     from keras_rnode.solvers import Solution, SolverSettings, Status, StepController, odeint
 
 __all__ = ["MultiscaleRNODE", "RNODE", "Solution", "SolverSettings", "Status", "StepController",

@@ -1,4 +1,4 @@
-"""A training run: its settings, its directory, the resume rules, and training it.
+"""A training run: its directory, the resume rules, training it, and using what it left.
 
 A run directory, which `train` fills, holds
 
@@ -10,8 +10,15 @@ A run directory, which `train` fills, holds
     samples.png    images: a grid of samples
     checkpoint/    while the run is unfinished: its options and its last checkpoint
 
-`TrainSettings` are `rnode train`'s options by name, so errors here name
-them as the command line does (--epochs); the CLI only parses them.
+Whatever stops a run, what it left can be finished: checkpoint/ goes
+last, once metrics.json is written, and config.json comes before
+model.keras, so that a model always has what `rnode evaluate` and `rnode
+sample` need beside it. `rnode train --resume` continues a run from its
+checkpoint, finishes one whose training is done (it evaluates, draws the
+figure, writes the metrics), and leaves a finished one as it is.
+
+The settings of a run are `TrainSettings` (keras_rnode.train_settings),
+whose errors name the options as the command line does (--epochs).
 """
 
 import contextlib
@@ -23,13 +30,24 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from keras_rnode import __version__, checks
+from keras_rnode import __version__
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
 from keras_rnode.datasets.toy import TOY_NAMES, toy_entropy
-from keras_rnode.layers.divergence import default_trace
-from keras_rnode.models.factory import architecture_for, build_model, default_hidden
-from keras_rnode.plots import plot_density, save_samples
-from keras_rnode.solvers.settings import SolverSettings, flatten_pair, pop_pair
+from keras_rnode.models.factory import build_model
+from keras_rnode.plots import plot_density, plot_trajectories, save_samples
+from keras_rnode.solvers.settings import FIELDS
+from keras_rnode.train_settings import (
+    DEFAULT_EPOCHS,
+    DEFAULT_MIN_STEPS,
+    EVALUATION_OPTIONS,
+    OptionConflict,
+    TrainSettings,
+    check_step_size,
+    flag,
+    named_as_flags,
+    spelled_out,
+)
+from keras_rnode.trajectories import STEPS
 
 # keras, and the modules that load it, are imported when used, so that the
 # command line's help loads without it.
@@ -42,19 +60,12 @@ DENSITY_FILE = "density.png"
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_DIR = "checkpoint"
 OPTIONS_FILE = "options.json"
-DEFAULT_EPOCHS = 10
-# ...but never fewer steps than this: 10 epochs of the 1437 digits at batch 512 are 20.
-DEFAULT_MIN_STEPS = 1000
-# --jit's choices, as TrainSettings.jit takes them: XLA, graph mode, or the backend's
-# choice for the data (`backend.jit_by_default`).
-JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
+SAVED_MODEL_DIR = "saved_model"
 # Options a resumed run may change: what to do on trouble, and how it shows.
 RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
                      "on_max_steps", "nfe_limit", "on_nfe_limit")
-
-
-class OptionConflict(ValueError):
-    """Options that cannot go together, or that a resumed run may not change."""
+# `rnode sample`: the samples drawn unless told.
+SAMPLES = 64
 
 
 class RunFailed(RuntimeError):
@@ -62,162 +73,73 @@ class RunFailed(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C while training; the message says how to resume."""
+    """Ctrl-C during a run; the message says how to go on."""
 
 
-# ---------------------------------------------------------------- settings --
+# --------------------------------------------------------- resuming a run --
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """What `rnode train` is given, each option by its name (--batch-size: batch_size).
-
-    `solver` and `eval_solver` are the training and evaluation solvers;
-    on disk their fields are flat options of their own (method, eval_rtol,
-    ...: see `to_options`). `jit` is True (XLA), False (graph mode) or
-    "auto". `hidden=None` and the "auto" of `architecture`, `trace` and
-    `jit` are decided by the data (`resolved`); `epochs=steps=None` is
-    `default_epochs`; `eval_trace=None` is as `trace`; `out=None` is
-    runs/DATASET (`run_dir`). Raises OptionConflict for options that cannot
-    go together.
-    """
-
-    dataset: str
-    hidden: tuple[int, ...] | None
-    blocks: int
-    architecture: str
-    layer_type: str | None
-    kinetic: float
-    jacobian: float
-    solver: SolverSettings
-    eval_solver: SolverSettings
-    trace: str
-    eval_trace: str | None
-    noise: str
-    epochs: int | None
-    steps: int | None
-    batch_size: int
-    eval_batch_size: int
-    lr: float
-    warmup_steps: int
-    seed: int
-    n_train: int
-    n_test: int | None
-    logit_alpha: float
-    devices: int
-    jit: bool | str
-    out: str | None
-    overwrite: bool
-    quiet: bool
-    checkpoint_every: int
-    resume: bool
-    on_nan: str
-    on_max_steps: str
-    nfe_limit: int | None
-    on_nfe_limit: str
-    workers: bool = False
-
-    def __post_init__(self):
-        if self.hidden is not None:  # frozen: stored once, as the checked tuple
-            object.__setattr__(self, "hidden", checks.positive_ints(self.hidden, "--hidden"))
-        if self.epochs and self.steps:
-            raise OptionConflict("give --epochs or --steps, not both")
-        if self.workers and self.devices != 1:
-            raise OptionConflict("give --workers or --devices, not both: each worker trains "
-                                 "on all its GPUs, or its CPU")
-        if self.batch_size % self.devices:
-            raise OptionConflict(f"--batch-size {self.batch_size} must be divisible by "
-                                 f"--devices {self.devices}: each device takes an equal share")
-        if self.noise == "rademacher" and "exact" in (self.trace, self.eval_trace):
-            raise OptionConflict("--noise rademacher needs --trace hutchinson")
-        if self.jit not in JIT_CHOICES.values():
-            raise ValueError(f"jit must be True, False or 'auto', got {self.jit!r}")
-
-    @property
-    def name(self):
-        """The data set's name as a person reads it."""
-        return dataset_name(self.dataset)
-
-    @property
-    def run_dir(self):
-        return self.out or os.path.join("runs", os.path.splitext(self.name)[0])
-
-    def resolved(self, event_shape):
-        """These settings with what the data decides: the architecture, trace and jit for
-        "auto", default widths."""
-        architecture = (architecture_for(event_shape) if self.architecture == "auto"
-                        else self.architecture)
-        if architecture == "dense" and self.layer_type:
-            raise OptionConflict("--layer-type names conv dynamics; --architecture dense has "
-                                 "dense ones")
-        trace = default_trace(event_shape) if self.trace == "auto" else self.trace
-        conv = len(event_shape) == 3 and architecture != "dense"
-        jit = _jit_by_default(conv) if self.jit == "auto" else self.jit
-        return dataclasses.replace(self, architecture=architecture, trace=trace,
-                                   eval_trace=self.eval_trace or trace, jit=jit,
-                                   hidden=self.hidden or default_hidden(architecture,
-                                                                        event_shape))
-
-    def to_options(self):
-        """A flat, JSON-able dict: every option by name, each solver field as one of its own
-        (the evaluation solver's with "eval_"); config.json and options.json hold it."""
-        options = flatten_pair(self.solver, self.eval_solver)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, SolverSettings):
-                options[field.name] = list(value) if isinstance(value, tuple) else value
-        return options
-
-    @classmethod
-    def from_options(cls, options):
-        """Settings from `to_options`'s dict; unknown keys (derived values) are left out."""
-        options = dict(options)
-        solver, eval_solver = pop_pair(options)
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(solver=solver, eval_solver=eval_solver,
-                   **{k: v for k, v in options.items() if k in names})
-
-
-def _jit_by_default(conv):
-    from keras_rnode import backend  # loads keras: not at the command line's start
-
-    return backend.jit_by_default(conv)
+def command_line_settings(options, given=()):
+    """The TrainSettings of `rnode train`'s options (`TrainSettings.from_command_line`), or
+    with `resume` the run's own (`resumed_settings`)."""
+    if options.get("resume"):
+        return resumed_settings(options, given)
+    return TrainSettings.from_command_line(options, given)
 
 
 def resumed_settings(options, given):
-    """The interrupted run in options["out"], continued: its own settings, but for the few
-    a resume may change (RESUME_MAY_CHANGE), which come from `options`.
+    """The run in options["out"], continued: its own settings, but for the few a resume may
+    change (RESUME_MAY_CHANGE), which come from `options`, and the evaluation options
+    (EVALUATION_OPTIONS) among `given`, which replace the run's.
 
-    `options`: the flat options of the command (as `to_options` names them);
-    `given`: the names among them given on the command line, which must agree
-    with the run's.
+    `options`: the command line's options, as `TrainSettings.from_command_line`
+    takes them; `given`: the names among them given on the command line,
+    which must otherwise agree with the run's. A finished run is its own
+    (and `train` leaves it as it is); its evaluation is then fixed too.
     """
-    if not options["out"]:
+    options = spelled_out(options, given)
+    given = {"jit" if name == "no_jit" else name for name in given}
+    out = options.get("out")
+    if not out:
         raise OptionConflict("--resume needs --out RUN_DIR, the run to continue")
-    path = os.path.join(options["out"], CHECKPOINT_DIR, OPTIONS_FILE)
-    if not os.path.isfile(path):
+    path = os.path.join(out, CHECKPOINT_DIR, OPTIONS_FILE)
+    if os.path.isfile(path):
+        saved, settable = TrainSettings.from_options(_read_json(path)), EVALUATION_OPTIONS
+    elif finished_report(out) is not None:
+        saved, settable = TrainSettings.from_options(load_config(out)), ()
+    else:
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    with open(path) as f:
-        saved = json.load(f)
-    for key, value in options.items():
-        value = list(value) if isinstance(value, tuple) else value
-        if key in given and key not in RESUME_MAY_CHANGE and saved.get(key) != value:
-            flag = "--" + key.replace("_", "-")
+    was = saved.command_line()
+    for key in sorted(given - set(RESUME_MAY_CHANGE) - set(settable)):
+        value = list(options[key]) if isinstance(options[key], tuple) else options[key]
+        if was.get(key) != value:
             raise OptionConflict(f"--resume continues the run with its own options; "
-                                 f"{flag} was {saved.get(key)!r}, drop {flag}")
-    return dataclasses.replace(TrainSettings.from_options(saved),
-                               **{k: options[k] for k in RESUME_MAY_CHANGE})
+                                 f"{flag(key)} was {was.get(key)!r}, drop {flag(key)}")
+    evaluation = {key: options[key] for key in given & set(settable)}
+    solver = {field: evaluation.pop("eval_" + field) for field in FIELDS
+              if "eval_" + field in evaluation}
+    eval_solver = saved.eval_solver
+    if solver:
+        check_step_size({"step_size": eval_solver.step_size, **solver}, "eval_")
+        with named_as_flags("eval_"):
+            eval_solver = eval_solver.for_evaluation(**solver)
+    return dataclasses.replace(saved, eval_solver=eval_solver, **evaluation,
+                               **{key: options[key] for key in RESUME_MAY_CHANGE})
 
 
-def resume_hint(out):
-    """How to continue the run in `out`, for a message."""
+def resume_hint(out, total_steps=None):
+    """What `rnode train --resume` does for the run in `out`, for a message."""
     from keras_rnode import callbacks
 
     step = callbacks.StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
+    resume = f"`rnode train --resume --out {out}`"
     if step is None:
-        return (f"no checkpoint was saved yet (--checkpoint-every); `rnode train --resume "
-                f"--out {out}` starts the run again with its options")
-    return f"`rnode train --resume --out {out}` continues from the checkpoint at step {step}"
+        return (f"no checkpoint was saved yet (--checkpoint-every); {resume} starts the run "
+                "again with its options")
+    if total_steps is not None and step >= total_steps:
+        return (f"training is done (step {step}); {resume} evaluates the model and writes "
+                "the figure and metrics")
+    return f"{resume} continues from the checkpoint at step {step}"
 
 
 # ----------------------------------------------------------- run directory --
@@ -233,7 +155,7 @@ def check_run_dir(settings):
     checkpoint = os.path.join(out, CHECKPOINT_DIR)
     if settings.resume or settings.overwrite:
         return
-    # The options file is written as a run starts and removed when it ends well.
+    # The options file is written as a run starts and removed when it is finished.
     if os.path.isfile(os.path.join(checkpoint, OPTIONS_FILE)):
         step = callbacks.StepBackup.resume_step(checkpoint) or 0
         raise FileExistsError(f"{out} holds an interrupted run (checkpoint at step {step}); "
@@ -250,6 +172,13 @@ def write_json(obj, path):
         json.dump(obj, f, indent=2, default=float)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _read_json(path, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_model(path):
@@ -271,11 +200,19 @@ def load_model(path):
 
 def load_config(run_dir):
     """A run directory's config.json as a dict; {} where there is none."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(os.path.join(run_dir, CONFIG_FILE), {})
+
+
+def finished_report(out):
+    """The RunReport of the finished run in `out` (its metrics written, no checkpoint left),
+    or None."""
+    metrics = _read_json(os.path.join(out, METRICS_FILE), {})
+    config = load_config(out)
+    if (os.path.exists(os.path.join(out, CHECKPOINT_DIR)) or "test" not in metrics
+            or "dataset" not in config):
+        return None
+    return RunReport(out, dataset_name(config["dataset"]), metrics["test"],
+                     metrics.get("train_seconds", 0.0), finished_before=True)
 
 
 def _save_model(model, out):
@@ -357,17 +294,77 @@ def evaluation_data(config, dataset=None, n_test=None):
     return x, dataset_name(dataset)
 
 
+def evaluate_run(run_dir, dataset=None, n_test=None, batch_size=None, trace=None, probes=None,
+                 **solver):
+    """`rnode evaluate`: (name, result) of the run's model on its test split, or on
+    `dataset`, with its evaluation settings but for those given (see `choose_evaluation`;
+    a fixed-step method needs its step). Errors name the options as flags."""
+    check_step_size(solver)
+    model = load_model(run_dir)
+    with named_as_flags():
+        choose_evaluation(model, trace, probes, **solver)
+    config = load_config(run_dir)
+    x, name = evaluation_data(config, dataset, n_test)
+    batch_size = batch_size or config.get("eval_batch_size", TrainSettings().eval_batch_size)
+    return name, held_out_quality(model, x, name, batch_size)
+
+
+# ---------------------------------------------------- sampling and export --
+
+
+def write_samples(run_dir, n, out, seed=None):
+    """n samples of the run's model into `out` (.npy: the array; .png: a scatter for 2-D, a
+    grid of images); returns their event shape."""
+    import keras
+
+    model = load_model(run_dir)
+    samples = keras.ops.convert_to_numpy(model.sample(n, seed=seed))
+    save_samples(samples, out, model.levels)
+    return tuple(samples.shape[1:])
+
+
+def write_trajectories(run_dir, n, out, steps=STEPS):
+    """The paths of the run's first n held-out points through its flow into `out` (.npy:
+    the positions; .png: a picture); returns (points, pieces, length ratio)."""
+    import numpy as np
+
+    from keras_rnode.trajectories import length_ratio, trajectories
+
+    model = load_model(run_dir)
+    x, _ = evaluation_data(load_config(run_dir), n_test=n)
+    paths = trajectories(model, x[:n], steps)
+    if out.endswith(".npy"):
+        np.save(out, paths)
+    else:
+        plot_trajectories([paths], out)
+    return len(x[:n]), len(paths) - 1, length_ratio(paths)
+
+
+def export_run(run_dir, out=None, overwrite=False):
+    """The run's model as a SavedModel in `out` (RUN_DIR/saved_model by default); returns
+    (its path, the endpoints written: `backend.saved_model_endpoints`, which decides)."""
+    from keras_rnode import backend
+
+    out = out or os.path.join(run_dir, SAVED_MODEL_DIR)
+    if os.path.lexists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    path = load_model(run_dir).export(out, overwrite=overwrite)
+    return path, backend.saved_model_endpoints()
+
+
 # ---------------------------------------------------------------- training --
 
 
 @dataclass(frozen=True)
 class RunReport:
-    """A finished run: where it is, its data set's name, its held-out result, training time."""
+    """A finished run: where it is, its data set's name, its held-out result, training time;
+    `finished_before`: it was finished before this call, which left it as it was."""
 
     out: str
     name: str
     test: dict
     train_seconds: float
+    finished_before: bool = False
 
 
 def train(settings, note=print):
@@ -375,8 +372,11 @@ def train(settings, note=print):
 
     `note(text)` tells of a setting the machine changes (jit off across
     logical CPU devices). Raises RunFailed when a watch stopped training
-    (the model is saved with its last good weights, the checkpoint kept)
-    and RunInterrupted on Ctrl-C; both messages say how to resume.
+    (the model is saved with its last good weights, the checkpoint kept) or
+    the held-out evaluation failed (the model and its config are saved),
+    and RunInterrupted on Ctrl-C once the run has begun to write; each
+    message says how to go on. With `resume`, a finished run is left as it
+    is: its report comes back.
 
     With `workers` (TF_CONFIG names the cluster) every worker trains; the
     chief writes the run directory, the others do the same work, into a
@@ -386,6 +386,8 @@ def train(settings, note=print):
     """
     from keras_rnode.backend.distribute import is_chief, lost_worker
 
+    if settings.resume and finished_report(settings.run_dir) is not None:
+        return finished_report(settings.run_dir)
     if not settings.workers:
         return _train(settings, note)
     scratch = None
@@ -413,6 +415,7 @@ def train(settings, note=print):
 
 
 def _train(settings, note):
+    """Everything is checked (options, data, model) before anything is written."""
     import keras
 
     from keras_rnode.backend.distribute import supports_jit
@@ -420,6 +423,7 @@ def _train(settings, note):
 
     start = time.perf_counter()
     settings = dataclasses.replace(settings, out=settings.run_dir)
+    out = settings.out
     check_run_dir(settings)
     # Devices must be set up before TensorFlow does any work.
     strategy = _strategy(settings)
@@ -427,7 +431,9 @@ def _train(settings, note):
     x_train, levels = load_data(settings.dataset, "train", settings.n_train if toy else None,
                                 seed=settings.seed)
     x_test, _ = load_data(settings.dataset, "test", settings.n_test, seed=settings.seed)
-    run = settings.resolved(tuple(x_train.shape[1:]))
+    steps_per_epoch, epochs = schedule(settings, len(x_train))
+    event_shape = tuple(x_train.shape[1:])
+    run = settings.resolved(event_shape)
     if strategy is not None and run.jit and not supports_jit(strategy):
         if settings.jit is True:
             note("note: XLA cannot compile one step across logical CPU devices; training in "
@@ -437,41 +443,57 @@ def _train(settings, note):
         avoid_addn_rewrite_race()  # see there: a TensorFlow race in graph-mode image steps
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        model = compiled_model(run, tuple(x_train.shape[1:]), levels)
-
-    # The options as given, not as resolved: a resume resolves them again.
-    _start_checkpoint(settings)
-    fit_start = time.perf_counter()
-    history, resumed, stop = _fit(model, x_train, run)
-    train_seconds = time.perf_counter() - fit_start
-    history = {k: [float(v) for v in vs] for k, vs in history.items()}
-    last = {k: vs[-1] for k, vs in history.items() if vs}
-    out = run.out
-    _save_model(model, out)
-    if stop is not None:
-        write_json({"stopped": stop, "resumed_from_step": resumed, "train": last},
-                   os.path.join(out, METRICS_FILE))
-        write_json(history, os.path.join(out, HISTORY_FILE))
-        raise RunFailed(f"training stopped: {stop}. {out}/{MODEL_FILE} holds the last good "
-                        f"weights; {resume_hint(out)}")
-    shutil.rmtree(os.path.join(out, CHECKPOINT_DIR), ignore_errors=True)
-
-    result = held_out_quality(model, x_test, run.name, run.eval_batch_size)
-    write_figure(model, x_test, out, run.eval_batch_size, run.seed)
-    config = {**run.to_options(), "levels": levels, "event_shape": list(x_train.shape[1:]),
+        model = compiled_model(run, event_shape, levels)
+    config = {**run.to_options(), "levels": levels, "event_shape": list(event_shape),
               "n_test": len(x_test), "objective": model.likelihood_metric,
               "keras_rnode": __version__}
-    write_json(config, os.path.join(out, CONFIG_FILE))
-    write_json(history, os.path.join(out, HISTORY_FILE))
-    metrics = {
-        "train": last,
-        "test": result,
-        "train_seconds": round(train_seconds, 3),
-        "resumed_from_step": resumed,
-        "wall_seconds": round(time.perf_counter() - start, 3),
-    }
-    write_json(metrics, os.path.join(out, METRICS_FILE))
+    total_steps = steps_per_epoch * epochs
+
+    try:
+        # The options as given, not as resolved: a resume resolves them again.
+        _start_checkpoint(settings)
+        fit_start = time.perf_counter()
+        history, resumed, stop = _fit(model, x_train, run, steps_per_epoch, epochs)
+        train_seconds = time.perf_counter() - fit_start
+        history = {k: [float(v) for v in vs] for k, vs in history.items()}
+        if resumed == total_steps:  # trained before, interrupted after: its history stands
+            history = _read_json(os.path.join(out, HISTORY_FILE), {})
+        last = {k: vs[-1] for k, vs in history.items() if vs}
+        write_json(config, os.path.join(out, CONFIG_FILE))
+        write_json(history, os.path.join(out, HISTORY_FILE))
+        _save_model(model, out)
+        if stop is not None:
+            write_json({"stopped": stop, "resumed_from_step": resumed, "train": last},
+                       os.path.join(out, METRICS_FILE))
+            raise RunFailed(f"training stopped: {stop}. {out}/{MODEL_FILE} holds the last good "
+                            f"weights; {resume_hint(out)}")
+        result = _held_out(model, x_test, run)
+        write_figure(model, x_test, out, run.eval_batch_size, run.seed)
+        metrics = {
+            "train": last,
+            "test": result,
+            "train_seconds": round(train_seconds, 3),
+            "resumed_from_step": resumed,
+            "wall_seconds": round(time.perf_counter() - start, 3),
+        }
+        write_json(metrics, os.path.join(out, METRICS_FILE))
+        shutil.rmtree(os.path.join(out, CHECKPOINT_DIR), ignore_errors=True)
+    except KeyboardInterrupt:
+        raise RunInterrupted(resume_hint(out, total_steps)) from None
     return RunReport(out, run.name, result, train_seconds)
+
+
+def _held_out(model, x_test, run):
+    """The trained model's held-out quality; a failed solve says how to finish the run."""
+    try:
+        return held_out_quality(model, x_test, run.name, run.eval_batch_size)
+    except ValueError as err:
+        out = run.out
+        raise RunFailed(
+            f"evaluating the trained model failed: {err}. {out}/{MODEL_FILE} holds it: `rnode "
+            f"evaluate {out}` scores it with other evaluation options (--method, --rtol, "
+            f"--atol, --step-size, --trace), and `rnode train --resume --out {out}` with them "
+            f"(--eval-method, --eval-rtol, ...) finishes the run") from None
 
 
 def _strategy(settings):
@@ -501,7 +523,7 @@ def _model(settings, event_shape, levels):
     """The RNODE the (resolved) settings describe."""
     return build_model(
         event_shape, levels, hidden=settings.hidden, blocks=settings.blocks,
-        regularizers={"kinetic": settings.kinetic, "jacobian": settings.jacobian},
+        regularizers=settings.regularizers,
         logit_alpha=settings.logit_alpha, seed=settings.seed, solver=settings.solver,
         eval_solver=settings.eval_solver, trace=settings.trace,
         eval_trace=settings.eval_trace, noise=settings.noise,
@@ -529,6 +551,19 @@ def default_epochs(steps_per_epoch):
     return max(DEFAULT_EPOCHS, math.ceil(DEFAULT_MIN_STEPS / steps_per_epoch))
 
 
+def schedule(settings, n_train):
+    """(steps per epoch, epochs) of a run on n_train points: --steps as one epoch, else
+    whole batches per epoch. ValueError where not one batch fits the data."""
+    if settings.batch_size > n_train:
+        more = " or a larger --n-train" if settings.dataset in TOY_NAMES else ""
+        raise ValueError(f"--batch-size {settings.batch_size} is larger than the {n_train} "
+                         f"training points: give a smaller --batch-size{more}")
+    if settings.steps:
+        return settings.steps, 1
+    steps_per_epoch = n_train // settings.batch_size
+    return steps_per_epoch, settings.epochs or default_epochs(steps_per_epoch)
+
+
 def _start_checkpoint(settings):
     """A fresh checkpoint folder holding the run's options, unless the run is resumed."""
     if settings.resume:
@@ -539,31 +574,26 @@ def _start_checkpoint(settings):
     write_json(settings.to_options(), os.path.join(checkpoint, OPTIONS_FILE))
 
 
-def _fit(model, x_train, settings):
+def _fit(model, x_train, settings, steps_per_epoch, epochs):
     """Train as the settings say, checkpointing into the run directory: (history, resumed, stop)."""
     from keras_rnode import callbacks
     from keras_rnode.datasets.pipeline import make_dataset
     from keras_rnode.resumable import fit_resumable
 
-    steps, batch = settings.steps, settings.batch_size
-
     # One seeded stream of batches for the whole run, so a resumed run can
     # skip exactly the batches already trained on.
     def stream(start):  # built afresh: a reused one would reshuffle differently
-        return make_dataset(x_train, batch, seed=settings.seed, repeat=True, start=start)
+        return make_dataset(x_train, settings.batch_size, seed=settings.seed, repeat=True,
+                            start=start)
 
     watches = [callbacks.BadSteps(settings.on_nan),
                callbacks.SolverFailures(settings.on_max_steps)]
     if settings.nfe_limit:
         watches.append(callbacks.NFEWatch(settings.nfe_limit,
                                           stop=settings.on_nfe_limit == "stop"))
-    try:
-        history, resumed = fit_resumable(
-            model, stream, steps or len(x_train) // batch,
-            1 if steps else (settings.epochs or default_epochs(len(x_train) // batch)),
-            os.path.join(settings.out, CHECKPOINT_DIR), settings.checkpoint_every or 2**62,
-            callbacks=watches, verbose=0 if settings.quiet else 1)
-    except KeyboardInterrupt:
-        raise RunInterrupted(resume_hint(settings.out)) from None
+    history, resumed = fit_resumable(
+        model, stream, steps_per_epoch, epochs, os.path.join(settings.out, CHECKPOINT_DIR),
+        settings.checkpoint_every or 2**62, callbacks=watches,
+        verbose=0 if settings.quiet else 1)
     stop = next((w.stop_reason for w in watches if w.stop_reason), None)
     return history, resumed, stop

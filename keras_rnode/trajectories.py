@@ -10,8 +10,11 @@ import numpy as np
 
 # keras is imported when used, so that the command line's help loads without it.
 
+# The pieces of each block's [0, T] a path is drawn through, unless told.
+STEPS = 20
 
-def trajectories(model, x, steps=20, context=None):
+
+def trajectories(model, x, steps=STEPS, context=None):
     """Positions of the rows of x along the model's flow; (blocks * steps + 1, n, *event_shape).
 
     Each CNF block carries the points over `steps` equal pieces of its

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import keras_rnode as kr
 
 from keras_rnode import runs
-from keras_rnode.cli import main, train_settings
+from keras_rnode.cli import main
 from keras_rnode.trajectories import length_ratio, trajectories
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def test_a_command_that_loads_tensorflow_prints_only_its_own_lines(tmp_path):
 def test_seeding_under_jax_loads_tensorflow_quietly():
     """keras.utils.set_random_seed imports TensorFlow under any backend where it is
     installed; `rnode train` loads it first, silenced."""
-    script = ("import keras_rnode.cli as cli; cli._load_keras(seeds=True); import keras; "
-              "keras.utils.set_random_seed(0); print(keras.config.backend())")
+    script = ("from keras_rnode.quiet_import import load_keras; load_keras(seeds=True); "
+              "import keras; keras.utils.set_random_seed(0); print(keras.config.backend())")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**env, "KERAS_BACKEND": "jax"})
@@ -147,7 +147,8 @@ def test_train_writes_the_run_directory(toy_run):
     assert config["dataset"] == "8gaussians" and config["hidden"] == [16, 16]
     # --jit auto resolved: XLA for flat data.
     assert config["trace"] == "exact" and config["jit"] is True and config["steps"] == 6
-    assert config["eval_method"] == "dopri5" and config["kinetic"] == 0.01
+    assert config["eval_method"] == "dopri5"
+    assert config["regularizers"] == {"kinetic": 0.01, "jacobian": 0.01}
     metrics = json.loads((run / "metrics.json").read_text())
     for name in ("loss", "nll", "kinetic", "jacobian", "nfe"):
         assert np.isfinite(metrics["train"][name]), name
@@ -197,35 +198,99 @@ def test_train_digits_with_a_tiny_conv_net(digits_run, tmp_path):
     assert_clean_error(wrong, "model.keras")
 
 
-def test_jit_spellings_and_the_auto_rule():
-    assert train_settings([]).jit == "auto"
+@pytest.fixture
+def parsed(monkeypatch):
+    """args -> the TrainSettings `rnode train ARGS` would train with (nothing is trained)."""
+    seen = []
+
+    def train(settings, note=None):
+        seen.append(settings)
+        raise runs.RunFailed("not trained")
+
+    monkeypatch.setattr(runs, "train", train)
+
+    def parse(args):
+        seen.clear()
+        result = invoke("train", *args)
+        if not seen:
+            raise AssertionError(result.output)
+        return seen[0]
+
+    return parse
+
+
+def test_the_command_line_defaults_are_train_settings(parsed):
+    """`rnode train` with no options trains `kr.TrainSettings()`: the options show its
+    defaults, which are the fast path (the direct gradient, XLA where it pays)."""
+    defaults = kr.TrainSettings()
+    assert parsed([]) == defaults
+    assert defaults.regularizers == {"kinetic": 0.01, "jacobian": 0.01}
+    assert defaults.solver == kr.SolverSettings(gradient="direct") == defaults.eval_solver
+    assert (defaults.dataset, defaults.batch_size, defaults.lr) == ("8gaussians", 512, 1e-3)
+    options = " ".join(invoke("train", "--help").output.split()).split("Options:")[1]
+    for option, value in (("--batch-size", 512), ("--n-train", defaults.n_train),
+                          ("--kinetic", 0.01), ("--directional", 0.0), ("--gradient", "direct")):
+        assert f"[default: {value}" in options.split(option + " ", 1)[1].split(" --", 1)[0]
+    # One toy training size: the data set's default draw is the command's.
+    x, _ = kr.datasets.load_data("8gaussians", "train")
+    assert len(x) == defaults.n_train == 100000
+    # Settings travel as a typed value, checked when made, in the command line's words.
+    quick = dataclasses.replace(defaults, steps=2, hidden=[8, 8])
+    assert quick.hidden == (8, 8) and quick.steps == 2 and quick.epochs is None
+    with pytest.raises(ValueError, match="--lr"):
+        dataclasses.replace(defaults, lr=float("nan"))
+    assert kr.TrainSettings.from_options(quick.to_options()) == quick
+
+
+def test_regularizer_flags_fold_into_one_dict(parsed):
+    from keras_rnode import regularizers
+
+    options = invoke("train", "--help").output
+    assert all(f"--{name.replace('_', '-')} FLOAT" in options for name in regularizers.BUILTINS)
+    assert parsed(["--kinetic", "0.05", "--total-derivative", "0.1"]).regularizers == {
+        "kinetic": 0.05, "jacobian": 0.01, "total_derivative": 0.1}
+    # A weight of 0 is no penalty: the unregularized flow has none.
+    assert parsed(["--kinetic", "0", "--jacobian", "0"]).regularizers == {}
+    assert parsed(["--directional", "0"]) == kr.TrainSettings()
+    assert_clean_error(invoke("train", "--jacobian", "-1"), "--jacobian", ">= 0")
+
+
+def test_the_new_penalties_train(tmp_path):
+    run = tmp_path / "r"
+    result = invoke("train", *TOY, "--quiet", "--directional", "0.01", "--total-derivative", "0.01",
+                    "--out", run)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train"]["directional"] > 0 and metrics["train"]["total_derivative"] > 0
+
+
+def test_jit_spellings_and_the_auto_rule(parsed):
+    assert parsed([]).jit == "auto"
     spelled = (["--jit"], ["--jit", "on"], ["--jit", "--quiet"], ["--no-jit"], ["--jit", "off"],
                ["--jit", "auto"])
-    assert [train_settings(args).jit for args in spelled] == [True, True, True, False, False,
-                                                              "auto"]
-    with pytest.raises(click.UsageError, match="--no-jit"):
-        train_settings(["--jit", "--no-jit"])
+    assert [parsed(args).jit for args in spelled] == [True, True, True, False, False, "auto"]
+    assert_clean_error(invoke("train", "--jit", "--no-jit"), "--no-jit")
     with pytest.raises(ValueError, match="jit"):
-        dataclasses.replace(train_settings([]), jit="on")
+        dataclasses.replace(kr.TrainSettings(), jit="on")
     # XLA for dense dynamics; for conv dynamics only on a GPU (this machine's answer either way).
     gpu = bool(keras.distribution.list_devices("gpu"))
-    assert train_settings([]).resolved((2,)).jit is True
-    conv = train_settings(["--architecture", "single"]).resolved((8, 8, 1))
+    assert kr.TrainSettings().resolved((2,)).jit is True
+    conv = kr.TrainSettings(architecture="single").resolved((8, 8, 1))
     assert conv.jit is gpu and conv.trace == "hutchinson"
-    assert train_settings(["--no-jit"]).resolved((2,)).jit is False
+    assert kr.TrainSettings(jit=False).resolved((2,)).jit is False
 
 
 def test_the_architecture_auto_rule():
     """Dense dynamics for flat data and small images (with wider defaults), multiscale beyond."""
-    auto = train_settings([])
+    auto = kr.TrainSettings()
     assert auto.architecture == "auto"
     flat, digits, mnist = (auto.resolved(shape) for shape in ((2,), (8, 8, 1), (28, 28, 1)))
     assert (flat.architecture, flat.hidden) == ("single", (64, 64, 64))
     assert (digits.architecture, digits.hidden, digits.jit) == ("dense", (256, 256), True)
     assert (mnist.architecture, mnist.hidden) == ("multiscale", (64, 64, 64))
-    assert train_settings(["--hidden", "32"]).resolved((8, 8, 1)).hidden == (32,)
+    assert kr.TrainSettings(hidden=(32,)).resolved((8, 8, 1)).hidden == (32,)
     with pytest.raises(runs.OptionConflict, match="--layer-type"):
-        train_settings(["--architecture", "dense", "--layer-type", "concat"]).resolved((8, 8, 1))
+        kr.TrainSettings(architecture="dense", layer_type="concat").resolved((8, 8, 1))
 
 
 # ----------------------------------------------------- evaluate, sample, export --
@@ -358,6 +423,48 @@ def test_export_writes_a_saved_model_and_protects_it(toy_run, tmp_path):
     assert_clean_error(invoke("export", run, "--out", out), "--overwrite")
     assert invoke("export", run, "--out", out, "--overwrite").exit_code == 0
     assert sorted(os.listdir(tmp_path)) == ["exported"]
+    assert "(endpoints: log_prob, sample)" in result.output
+
+
+def test_export_says_which_endpoints_it_wrote(toy_run, tmp_path, monkeypatch):
+    """The backend decides (JAX's export has log_prob alone); the line says what was written."""
+    from keras_rnode import backend
+
+    monkeypatch.setattr(backend, "saved_model_endpoints", lambda: ("log_prob",))
+    result = invoke("export", toy_run[0], "--out", tmp_path / "e")
+    assert result.exit_code == 0, result.output
+    assert "(endpoints: log_prob)" in result.output
+    reloaded = tf.saved_model.load(str(tmp_path / "e"))
+    assert hasattr(reloaded, "log_prob") and not hasattr(reloaded, "sample")
+
+
+@pytest.mark.slow  # two fresh JAX processes, a jax2tf export
+def test_a_jax_export_says_it_wrote_log_prob_alone(tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+
+    def rnode(*args):
+        proc = subprocess.run([sys.executable, "-m", "keras_rnode.cli", *map(str, args)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    rnode("train", *TOY, "--quiet", "--out", tmp_path / "run")
+    out = rnode("export", tmp_path / "run", "--out", tmp_path / "e")
+    assert "(endpoints: log_prob)" in out
+    reloaded = tf.saved_model.load(str(tmp_path / "e"))
+    assert hasattr(reloaded, "log_prob") and not hasattr(reloaded, "sample")
+
+
+def test_exported_folders_take_the_umask(toy_run, tmp_path):
+    """Like every other file: not tempfile.mkdtemp's 0700 (a staging folder renamed into place)."""
+    previous = os.umask(0o027)
+    try:
+        result = invoke("export", toy_run[0], "--out", tmp_path / "e")
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "e").stat().st_mode & 0o777 == 0o750
+    assert ((tmp_path / "e" / "saved_model.pb").stat().st_mode & 0o777) == 0o640
 
 
 # ------------------------------------------------------------------- errors --
@@ -396,3 +503,60 @@ def test_nan_data(tmp_path, toy_run):
 def test_fixed_step_method_needs_a_step_size(tmp_path):
     assert_clean_error(invoke("train", "--method", "rk4", "--out", tmp_path / "r"),
                        "--step-size")
+
+
+def float_options(command):
+    return [p for p in main.commands[command].params
+            if isinstance(p.type, click.types.FloatParamType)]
+
+
+def test_every_float_option_of_train_refuses_nan_and_inf(tmp_path):
+    """Before anything is written or keras loads: a NaN learning rate once trained to NaN
+    weights and blamed --max-steps."""
+    names = {p.opts[0] for p in float_options("train")}
+    assert {"--lr", "--rtol", "--eval-atol", "--step-size", "--kinetic", "--logit-alpha"} <= names
+    for name in sorted(names):
+        # A step size is a fixed-step method's.
+        method = [name.replace("step-size", "method"), "rk4"] if "step-size" in name else []
+        for value in ("nan", "inf", "-inf"):
+            result = invoke("train", *method, name, value, "--out", tmp_path / "r")
+            assert_clean_error(result, name, value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_every_float_option_of_evaluate_refuses_nan_and_inf(toy_run):
+    names = sorted(p.opts[0] for p in float_options("evaluate"))
+    assert names == ["--atol", "--rtol", "--step-size"]
+    for name in names:
+        method = ["--method", "rk4"] if name == "--step-size" else []
+        for value in ("nan", "inf"):
+            assert_clean_error(invoke("evaluate", toy_run[0], *method, name, value), name, value)
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path):
+    """`--n-train 100` at the default batch of 512 ended in a ZeroDivisionError traceback, and
+    a refused run left checkpoint/options.json, so the corrected command was refused as an
+    interrupted run."""
+    run = tmp_path / "r"
+    for schedule in ([], ["--epochs", "1"], ["--steps", "3"]):
+        result = invoke("train", "--n-train", 100, *schedule, "--out", run)
+        assert_clean_error(result, "--batch-size 512", "100 training points", "--n-train")
+        assert not run.exists()
+    fixed = invoke("train", *TOY, "--n-train", 100, "--batch-size", 50, "--steps", 2,
+                   "--quiet", "--out", run)
+    assert fixed.exit_code == 0, fixed.output
+
+
+def test_ctrl_c_before_a_run_writes_anything_or_in_another_command(tmp_path, monkeypatch,
+                                                                  toy_run):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "load_data", interrupt)
+    result = invoke("train", *TOY, "--out", tmp_path / "r")
+    assert result.exit_code == 130 and "interrupted; nothing was written" in result.output
+    assert not (tmp_path / "r").exists()
+    monkeypatch.setattr(runs, "held_out_quality", interrupt)
+    result = invoke("evaluate", toy_run[0])
+    assert result.exit_code == 130 and "interrupted; nothing was written" in result.output
+    assert "Aborted" not in result.output

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import keras_rnode as kr
-from keras_rnode import callbacks
+from keras_rnode import callbacks, runs
 from keras_rnode.cli import main
 from keras_rnode.datasets import make_dataset, toy
 from keras_rnode.optimizers import SkipBadSteps
@@ -65,6 +65,24 @@ def test_step_backup_is_still_importable_from_callbacks():
     assert callbacks.StepBackup is StepBackup
 
 
+def train_interrupted(monkeypatch, step, *args):
+    """`rnode train ARGS` with Ctrl-C pressed after `step` training steps."""
+    original = callbacks.SolverFailures.on_train_batch_end
+    seen = []
+
+    def interrupt(self, batch, logs=None):
+        seen.append(batch)
+        if len(seen) == step:
+            raise KeyboardInterrupt
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", interrupt)
+    try:
+        return invoke("train", *args)
+    finally:
+        monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", original)
+
+
 def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):
     args = [*TINY, "--epochs", "3", "--checkpoint-every", "3"]
     whole = tmp_path / "whole"
@@ -74,18 +92,7 @@ def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, mon
 
     # Ctrl-C after step 7 (epoch 2, step 3): the checkpoint of step 6 survives.
     cut = tmp_path / "cut"
-    original = callbacks.SolverFailures.on_train_batch_end
-    seen = []
-
-    def interrupt(self, batch, logs=None):
-        seen.append(batch)
-        if len(seen) == 7:
-            raise KeyboardInterrupt
-        return original(self, batch, logs)
-
-    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", interrupt)
-    result = invoke("train", *args, "--out", cut)
-    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", original)
+    result = train_interrupted(monkeypatch, 7, *args, "--out", cut)
     assert result.exit_code == 130, result.output
     assert "--resume" in result.output and "step 6" in result.output
     assert not (cut / "model.keras").exists()
@@ -123,6 +130,108 @@ def test_stopped_run_keeps_its_last_good_weights_and_can_resume(tmp_path):
     assert json.loads((run / "history.json").read_text())["skipped_steps"] == [3]
     for a, b in zip(initial, model_weights(run)):
         np.testing.assert_array_equal(a, b)
+
+
+def interrupting(monkeypatch, error):
+    """The final evaluation raises `error` (Ctrl-C, a failed solve) once; returns the undo."""
+    real = runs.held_out_quality
+
+    def fail(*args, **kwargs):
+        monkeypatch.setattr(runs, "held_out_quality", real)
+        raise error
+
+    monkeypatch.setattr(runs, "held_out_quality", fail)
+
+
+def test_ctrl_c_in_the_final_evaluation_leaves_a_run_resume_finishes(tmp_path, monkeypatch):
+    """It used to print `Aborted!` and leave model.keras alone: no checkpoint, config.json
+    or figure, so neither a rerun, --resume, `rnode evaluate` nor `rnode sample
+    --trajectories` could finish it."""
+    run = tmp_path / "run"
+    args = [*TINY, "--steps", "3", "--out", run]
+    interrupting(monkeypatch, KeyboardInterrupt())
+    result = invoke("train", *args)
+    assert result.exit_code == 130, result.output
+    assert "interrupted; training is done (step 3)" in result.output
+    assert f"rnode train --resume --out {run}" in result.output
+    # What evaluation needs is beside the model, and the checkpoint stays.
+    assert {"config.json", "model.keras", "history.json", "checkpoint"} <= set(os.listdir(run))
+    assert not (run / "metrics.json").exists()
+    trained = model_weights(run)
+    scored = invoke("evaluate", run, "--json")
+    assert scored.exit_code == 0 and json.loads(scored.output)["n"] == 64, scored.output
+    paths = invoke("sample", run, "-n", 5, "--trajectories", "--steps", 2, "--out",
+                   tmp_path / "paths.npy")
+    assert paths.exit_code == 0, paths.output
+    assert "interrupted run" in invoke("train", *args).output
+
+    result = invoke("train", "--resume", "--out", run)
+    assert result.exit_code == 0, result.output
+    assert "8gaussians test (64 points): nll" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 3 and metrics["test"]["n"] == 64
+    assert np.isfinite(metrics["train"]["loss"])  # the training's own history, kept
+    assert (run / "density.png").is_file() and not (run / "checkpoint").exists()
+    for a, b in zip(trained, model_weights(run)):
+        np.testing.assert_array_equal(a, b)
+
+    # A finished run is left as it is: --resume can be rerun at no cost.
+    before = (run / "model.keras").stat().st_mtime_ns
+    again = invoke("train", "--resume", "--out", run)
+    assert again.exit_code == 0 and "finished before; nothing to resume" in again.output
+    assert (run / "model.keras").stat().st_mtime_ns == before
+    assert "drop --lr" in invoke("train", "--resume", "--out", run, "--lr", "0.5").output
+
+
+def test_a_failed_final_evaluation_is_finished_with_other_evaluation_options(tmp_path,
+                                                                             monkeypatch):
+    run = tmp_path / "run"
+    interrupting(monkeypatch, ValueError("the evaluation solve of batch 0 ended with status "
+                                         "max_steps_reached"))
+    result = invoke("train", *TINY, "--steps", "2", "--out", run)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "max_steps_reached" in result.output and f"rnode evaluate {run}" in result.output
+    assert f"rnode train --resume --out {run}" in result.output
+    assert {"config.json", "model.keras", "checkpoint"} <= set(os.listdir(run))
+    # Evaluation options may be given anew; the others must agree with the run's.
+    assert "drop --method" in invoke("train", "--resume", "--out", run, "--method",
+                                     "rk4", "--step-size", "0.5").output
+    result = invoke("train", "--resume", "--out", run, "--eval-method", "rk4",
+                    "--eval-step-size", "0.25", "--n-test", "32")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["solver"] == "rk4 step=0.25" and metrics["test"]["n"] == 32
+    config = json.loads((run / "config.json").read_text())
+    assert (config["eval_method"], config["eval_step_size"], config["method"]) == (
+        "rk4", 0.25, "euler")
+
+
+def legacy(path):
+    """Rewrite an options or config file as runs wrote it before penalties went by name."""
+    options = json.loads(path.read_text())
+    options.update(options.pop("regularizers"))
+    path.write_text(json.dumps(options))
+    return options
+
+
+def test_runs_written_with_flat_penalty_weights_resume_and_evaluate(tmp_path, monkeypatch):
+    run = tmp_path / "old"
+    args = [*TINY, "--steps", "4", "--checkpoint-every", "2", "--kinetic", "0.02"]
+    assert train_interrupted(monkeypatch, 3, *args, "--out", run).exit_code == 130
+    saved = legacy(run / "checkpoint" / "options.json")
+    assert (saved["kinetic"], saved["jacobian"]) == (0.02, 0.01)
+
+    result = invoke("train", "--resume", "--out", run, "--kinetic", "0.05")
+    assert result.exit_code == 2 and "--kinetic was 0.02, drop --kinetic" in result.output
+    result = invoke("train", "--resume", "--out", run, "--kinetic", "0.02", "--directional",
+                    "0")
+    assert result.exit_code == 0, result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["regularizers"] == {"kinetic": 0.02, "jacobian": 0.01}
+    legacy(run / "config.json")
+    assert invoke("evaluate", run).exit_code == 0
+    assert invoke("train", "--resume", "--out", run).exit_code == 0
 
 
 def test_fit_under_a_strategy_trains_on_the_stream_from_its_start():
@@ -225,6 +334,26 @@ def test_killed_training_process_resumes_to_the_same_weights(tmp_path):
     assert json.loads((killed / "metrics.json").read_text())["resumed_from_step"] >= 8
     for a, b in zip(model_weights(whole), model_weights(killed)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigint_in_the_final_evaluation_of_a_process(tmp_path):
+    """The issue's `timeout -s INT 28 rnode train --steps 30 --n-test 200000`: Ctrl-C while
+    a large held-out split is scored."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "keras_rnode.cli", "train",
+                             *map(str, TINY), "--steps", "2", "--n-test", "400000", "--out",
+                             str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(lambda: (run / "model.keras").exists(), proc)
+    time.sleep(2)  # into the evaluation
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    assert "interrupted; training is done (step 2)" in stderr and "Aborted" not in stderr
+    result = invoke("train", "--resume", "--out", run, "--n-test", "64")
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 64
 
 
 @pytest.mark.slow  # TensorFlow 73 s, JAX 56 s on this 2-core machine under load

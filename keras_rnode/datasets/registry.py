@@ -15,7 +15,8 @@ _IMAGE_SETS = {
     "cifar10": (images.cifar10, images.CIFAR10_LEVELS),
 }
 IMAGE_DATASETS = tuple(_IMAGE_SETS)
-TOY_TRAIN_SIZE = 10000
+# `rnode train --n-train`'s default (TrainSettings.n_train): the README's figures use it.
+TOY_TRAIN_SIZE = 100000
 TOY_TEST_SIZE = 5000
 
 

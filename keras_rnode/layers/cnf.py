@@ -19,7 +19,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
-from keras_rnode import backend, checks, regularizers
+from keras_rnode import checks, regularizers
 from keras_rnode.layers import divergence
 from keras_rnode.layers.dynamics import validate_dynamics_output
 from keras_rnode.solvers.odeint import odeint

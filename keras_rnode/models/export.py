@@ -31,6 +31,7 @@ not saved, so do not differentiate through the reloaded functions.
 """
 
 import os
+import secrets
 import shutil
 import tempfile
 
@@ -74,7 +75,7 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
         fn, specs = definitions[endpoint]
         archive.add_endpoint(endpoint, fn, input_signature=specs)
 
-    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    staging = _staging_dir(parent, name)
     try:
         # The endpoints are for inference: leaving out the solver's custom
         # (adjoint) gradients saves tracing the backward solve.
@@ -85,6 +86,18 @@ def export_saved_model(model, filepath, overwrite=False, verbose=False):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return filepath
+
+
+def _staging_dir(parent, name):
+    """A new, empty folder beside the destination, made with the umask's permissions, as
+    the export that is renamed from it should have (tempfile.mkdtemp's are 0700)."""
+    while True:
+        path = os.path.join(parent, f".{name}.partial-{secrets.token_hex(6)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # taken by another export: draw another name
+            continue
 
 
 def _move_into_place(staging, filepath):

@@ -1,0 +1,284 @@
+"""`TrainSettings`: everything `rnode train` is given, each option with the default it shows.
+
+    import dataclasses, keras_rnode as kr
+    from keras_rnode import runs
+
+    settings = dataclasses.replace(kr.TrainSettings(), dataset="pinwheel", steps=2000)
+    runs.train(settings)        # what `rnode train --dataset pinwheel --steps 2000` does
+
+The command line takes its defaults from `TrainSettings()` and hands what
+it parsed, option by option, to `from_command_line`. A value is checked
+when it is made, and its errors name the options as the command line does
+(--batch-size), so the command line only parses.
+
+This module loads without keras: the command line's help shows these
+defaults.
+"""
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from keras_rnode import checks, regularizers
+from keras_rnode.actions import ACTIONS
+from keras_rnode.datasets.registry import TOY_TRAIN_SIZE, check_dataset, dataset_name
+from keras_rnode.layers.divergence import PROBES, TRACES, default_trace
+from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
+from keras_rnode.models.factory import ARCHITECTURES, architecture_for, default_hidden
+from keras_rnode.solvers.settings import (
+    FIELDS,
+    FIXED_STEP_METHODS,
+    SettingError,
+    SolverSettings,
+    flatten_pair,
+    pop_pair,
+)
+
+DEFAULT_EPOCHS = 10
+# ...but never fewer steps than this: 10 epochs of the 1437 digits at batch 512 are 20.
+DEFAULT_MIN_STEPS = 1000
+# --jit's spellings, as TrainSettings.jit takes them: XLA, graph mode, or the backend's
+# choice for the data (`backend.jit_by_default`).
+JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
+ON_NAN = ("skip", "stop")
+ON_NFE_LIMIT = ("warn", "stop")
+# Options that only say how the trained model is scored: a resumed run may be given
+# new ones (they change no trained weight), e.g. after an evaluation solve failed.
+EVALUATION_OPTIONS = ("n_test", "eval_trace", "eval_batch_size",
+                      *(f"eval_{field}" for field in FIELDS))
+# Penalty weights written as flat options before they went by name (options.json,
+# config.json of older runs).
+LEGACY_REGULARIZERS = ("kinetic", "jacobian")
+
+
+class OptionConflict(ValueError):
+    """Options that cannot go together, or that a resumed run may not change."""
+
+
+def flag(name):
+    """The command-line flag of an option: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+@contextlib.contextmanager
+def named_as_flags(prefix=""):
+    """A SettingError raised inside, as a ValueError naming the fields as flags
+    (`prefix` "eval_": rtol is --eval-rtol)."""
+    try:
+        yield
+    except SettingError as err:
+        raise ValueError(err.render(lambda field: flag(prefix + field))) from None
+
+
+def check_step_size(values, prefix=""):
+    """A fixed-step method given without its step: refused, since unset it would silently
+    take another (the training one, a run's)."""
+    method = values.get("method")
+    if method in FIXED_STEP_METHODS and values.get("step_size") is None:
+        raise OptionConflict(f"{flag(prefix + 'method')} {method} needs "
+                             f"{flag(prefix + 'step_size')}")
+
+
+def _optional(check, value, *args, **kwargs):
+    return None if value is None else check(value, *args, **kwargs)
+
+
+# `rnode train`'s default solver: backpropagation through the steps, faster than the
+# adjoint (benchmarks/RESULTS.md); the evaluation solver differs only where given.
+_SOLVER = SolverSettings(gradient="direct")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What `rnode train` is given, each option by its name (--batch-size: batch_size).
+
+    `regularizers`: penalty name -> weight (`keras_rnode.regularizers`);
+    a weight of 0 is no penalty and is left out, so two settings that train
+    the same model compare equal. `solver` and `eval_solver` are the
+    training and evaluation solvers; on disk their fields are flat options
+    of their own (method, eval_rtol, ...: see `to_options`). `jit` is True
+    (XLA), False (graph mode) or "auto". `hidden=None` and the "auto" of
+    `architecture`, `trace` and `jit` are decided by the data (`resolved`);
+    `epochs=steps=None` is DEFAULT_EPOCHS, or as many as DEFAULT_MIN_STEPS
+    steps take; `eval_trace=None` is as `trace`; `n_test=None` is the whole
+    test split (TOY_TEST_SIZE toy points); `out=None` is runs/DATASET (`run_dir`).
+    Raises ValueError naming the option for a bad value, OptionConflict
+    for options that cannot go together.
+    """
+
+    dataset: str = "8gaussians"
+    hidden: tuple[int, ...] | None = None
+    blocks: int = 1
+    architecture: str = "auto"
+    layer_type: str | None = None
+    regularizers: dict = dataclasses.field(
+        default_factory=lambda: {"kinetic": 0.01, "jacobian": 0.01})
+    solver: SolverSettings = _SOLVER
+    eval_solver: SolverSettings = _SOLVER
+    trace: str = "auto"
+    eval_trace: str | None = None
+    noise: str = "gaussian"
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 512
+    eval_batch_size: int = 500
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    seed: int = 0
+    n_train: int = TOY_TRAIN_SIZE
+    n_test: int | None = None
+    logit_alpha: float = 1e-6
+    devices: int = 1
+    workers: bool = False
+    jit: bool | str = "auto"
+    out: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    checkpoint_every: int = 200
+    resume: bool = False
+    on_nan: str = "stop"
+    on_max_steps: str = "warn"
+    nfe_limit: int | None = None
+    on_nfe_limit: str = "warn"
+
+    def __post_init__(self):
+        self._check_values()
+        if self.epochs and self.steps:
+            raise OptionConflict("give --epochs or --steps, not both")
+        if self.workers and self.devices != 1:
+            raise OptionConflict("give --workers or --devices, not both: each worker trains "
+                                 "on all its GPUs, or its CPU")
+        if self.batch_size % self.devices:
+            raise OptionConflict(f"--batch-size {self.batch_size} must be divisible by "
+                                 f"--devices {self.devices}: each device takes an equal share")
+        if self.noise == "rademacher" and "exact" in (self.trace, self.eval_trace):
+            raise OptionConflict("--noise rademacher needs --trace hutchinson")
+
+    def _check_values(self):
+        """Each value checked, and stored (frozen) in its plain Python form."""
+        minimums = {"blocks": 1, "batch_size": 1, "eval_batch_size": 1, "n_train": 1,
+                    "devices": 1, "warmup_steps": 0, "seed": 0, "checkpoint_every": 0}
+        for name, minimum in minimums.items():
+            self._store(name, checks.integer(getattr(self, name), flag(name), minimum))
+        for name in ("epochs", "steps", "n_test", "nfe_limit"):
+            self._store(name, _optional(checks.integer, getattr(self, name), flag(name)))
+        self._store("dataset", check_dataset(self.dataset))
+        self._store("hidden", _optional(checks.positive_ints, self.hidden, "--hidden"))
+        self._store("lr", checks.positive_finite(self.lr, "--lr"))
+        alpha = self.logit_alpha
+        if not (checks.is_real(alpha) and 0 < alpha < 0.5):
+            raise ValueError(f"--logit-alpha must be a number in (0, 0.5), got {alpha!r}")
+        self._store("logit_alpha", float(alpha))
+        # Zero weights left out: the model integrates only penalties of weight > 0.
+        self._store("regularizers", {name: weight for name, weight in
+                                     regularizers.weights(self.regularizers).items() if weight})
+        choices = {"architecture": ARCHITECTURES, "trace": ("auto", *TRACES), "noise": PROBES,
+                   "on_nan": ON_NAN, "on_max_steps": ACTIONS, "on_nfe_limit": ON_NFE_LIMIT}
+        for name, allowed in choices.items():
+            checks.one_of(getattr(self, name), flag(name), allowed)
+        _optional(checks.one_of, self.eval_trace, "--eval-trace", TRACES)
+        _optional(checks.one_of, self.layer_type, "--layer-type", sorted(CONV_DYNAMICS))
+        for name in ("solver", "eval_solver"):
+            if not isinstance(getattr(self, name), SolverSettings):
+                raise ValueError(f"{name} must be a SolverSettings, got "
+                                 f"{type(getattr(self, name)).__name__}")
+        if self.jit not in JIT_CHOICES.values():
+            raise ValueError(f"jit must be True, False or 'auto', got {self.jit!r}")
+
+    def _store(self, name, value):
+        object.__setattr__(self, name, value)
+
+    @property
+    def name(self):
+        """The data set's name as a person reads it."""
+        return dataset_name(self.dataset)
+
+    @property
+    def run_dir(self):
+        return self.out or os.path.join("runs", os.path.splitext(self.name)[0])
+
+    def resolved(self, event_shape):
+        """These settings with what the data decides: the architecture, trace and jit for
+        "auto", default widths."""
+        architecture = (architecture_for(event_shape) if self.architecture == "auto"
+                        else self.architecture)
+        if architecture == "dense" and self.layer_type:
+            raise OptionConflict("--layer-type names conv dynamics; --architecture dense has "
+                                 "dense ones")
+        trace = default_trace(event_shape) if self.trace == "auto" else self.trace
+        conv = len(event_shape) == 3 and architecture != "dense"
+        jit = _jit_by_default(conv) if self.jit == "auto" else self.jit
+        return dataclasses.replace(self, architecture=architecture, trace=trace,
+                                   eval_trace=self.eval_trace or trace, jit=jit,
+                                   hidden=self.hidden or default_hidden(architecture,
+                                                                        event_shape))
+
+    def to_options(self):
+        """A flat, JSON-able dict: every option by name, each solver field as one of its own
+        (the evaluation solver's with "eval_"); config.json and options.json hold it."""
+        options = flatten_pair(self.solver, self.eval_solver)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, SolverSettings):
+                options[field.name] = list(value) if isinstance(value, tuple) else value
+        return options
+
+    def command_line(self):
+        """`to_options` with the penalty weights as the command line gives them: one option
+        per built-in penalty (0 where there is none)."""
+        options = self.to_options()
+        weights = options.pop("regularizers")
+        return {**options, **{name: weights.get(name, 0.0) for name in regularizers.BUILTINS}}
+
+    @classmethod
+    def from_options(cls, options):
+        """Settings from `to_options`'s dict; unknown keys (derived values) are left out, and
+        the flat penalty weights of older runs are read as `regularizers`."""
+        options = dict(options)
+        solver, eval_solver = pop_pair(options)
+        legacy = {k: options.pop(k) for k in LEGACY_REGULARIZERS if k in options}
+        if "regularizers" not in options and legacy:
+            options["regularizers"] = legacy
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(solver=solver, eval_solver=eval_solver,
+                   **{k: v for k, v in options.items() if k in names})
+
+    @classmethod
+    def from_command_line(cls, options, given=()):
+        """The settings of `rnode train`'s options, as click names them: every field by name
+        but the solvers' (method, eval_rtol, ...) and the penalty weights (kinetic, ...),
+        each an option of its own, and `jit` spelled "auto", "on" or "off", with the flag
+        `no_jit`. `given`: the names given on the command line (--jit with --no-jit is a
+        conflict)."""
+        options = spelled_out(options, given)
+        weights = {name: checks.non_negative(options.pop(name), flag(name))
+                   for name in regularizers.BUILTINS if name in options}
+        train = {name: options.pop(name) for name in FIELDS if name in options}
+        evaluation = {name: options.pop("eval_" + name) for name in FIELDS
+                      if "eval_" + name in options}
+        check_step_size(train)
+        check_step_size(evaluation, "eval_")
+        with named_as_flags():
+            solver = SolverSettings(**train)
+        with named_as_flags("eval_"):
+            eval_solver = solver.replace(**evaluation)
+        return cls(solver=solver, eval_solver=eval_solver, regularizers=weights, **options)
+
+
+def spelled_out(options, given=()):
+    """The command line's options with --jit's spelling (and --no-jit) as `jit` takes it."""
+    options = dict(options)
+    if options.pop("no_jit", False):
+        if "jit" in given:
+            raise OptionConflict("give --jit or --no-jit, not both")
+        options["jit"] = "off"
+    if "jit" in options:
+        options["jit"] = JIT_CHOICES[options["jit"]]
+    return options
+
+
+def _jit_by_default(conv):
+    from keras_rnode import backend  # loads keras: not at the command line's start
+
+    return backend.jit_by_default(conv)
