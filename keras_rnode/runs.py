@@ -129,9 +129,9 @@ def resumed_settings(options, given):
 
 def resume_hint(out, total_steps=None):
     """What `rnode train --resume` does for the run in `out`, for a message."""
-    from keras_rnode import callbacks
+    from keras_rnode.resumable import StepBackup
 
-    step = callbacks.StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
+    step = StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
     resume = f"`rnode train --resume --out {out}`"
     if step is None:
         return (f"no checkpoint was saved yet (--checkpoint-every); {resume} starts the run "
@@ -147,7 +147,7 @@ def resume_hint(out, total_steps=None):
 
 def check_run_dir(settings):
     """Refuse to write over a model or an interrupted run unless the settings say so."""
-    from keras_rnode import callbacks
+    from keras_rnode.resumable import StepBackup
 
     out = settings.run_dir
     if os.path.exists(out) and not os.path.isdir(out):
@@ -157,7 +157,7 @@ def check_run_dir(settings):
         return
     # The options file is written as a run starts and removed when it is finished.
     if os.path.isfile(os.path.join(checkpoint, OPTIONS_FILE)):
-        step = callbacks.StepBackup.resume_step(checkpoint) or 0
+        step = StepBackup.resume_step(checkpoint) or 0
         raise FileExistsError(f"{out} holds an interrupted run (checkpoint at step {step}); "
                               "pass --resume to continue it or --overwrite to start over")
     if os.path.exists(os.path.join(out, MODEL_FILE)):
@@ -578,6 +578,7 @@ def _fit(model, x_train, settings, steps_per_epoch, epochs):
     """Train as the settings say, checkpointing into the run directory: (history, resumed, stop)."""
     from keras_rnode import callbacks
     from keras_rnode.datasets.pipeline import make_dataset
+    from keras_rnode.progress import fit_progress
     from keras_rnode.resumable import fit_resumable
 
     # One seeded stream of batches for the whole run, so a resumed run can
@@ -591,9 +592,10 @@ def _fit(model, x_train, settings, steps_per_epoch, epochs):
     if settings.nfe_limit:
         watches.append(callbacks.NFEWatch(settings.nfe_limit,
                                           stop=settings.on_nfe_limit == "stop"))
+    # Keras's bar on a terminal; a plain line every few steps in a log file.
+    verbose, progress = fit_progress(quiet=settings.quiet)
     history, resumed = fit_resumable(
         model, stream, steps_per_epoch, epochs, os.path.join(settings.out, CHECKPOINT_DIR),
-        settings.checkpoint_every or 2**62, callbacks=watches,
-        verbose=0 if settings.quiet else 1)
+        settings.checkpoint_every or 2**62, callbacks=[*watches, *progress], verbose=verbose)
     stop = next((w.stop_reason for w in watches if w.stop_reason), None)
     return history, resumed, stop

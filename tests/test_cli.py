@@ -160,8 +160,10 @@ def test_train_writes_the_run_directory(toy_run):
     history = json.loads((run / "history.json").read_text())
     assert len(history["loss"]) == 1
     assert "8gaussians test (128 points): nll" in output and "NFE" in output
-    # The progress bar shows the forward NFE, and no backward NFE where nothing solves back.
-    assert "nfe: " in output and "backward_nfe" not in output
+    # Off a terminal progress is a plain line (keras_rnode.progress), with the forward NFE
+    # and no backward NFE where nothing solves back.
+    assert "step 6/6" in output and " nfe " in output and "backward_nfe" not in output
+    assert "\x1b[" not in output
 
 
 def test_train_refuses_to_overwrite_a_run(toy_run):
