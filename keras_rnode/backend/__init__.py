@@ -7,7 +7,8 @@ whose gradient we define ourselves, a vector-Jacobian product with
 respect to states and parameters, the Jacobian product of the Hutchinson
 estimator, a forward-mode (Jacobian-vector) product for the penalties
 that need one, the recorder that keeps the accepted steps for the direct
-gradient, a compiled inference function, a dtype-keeping matmul, a
+gradient, a NumPy function called from compiled code (the OT assignment
+of flow matching), a compiled inference function, a dtype-keeping matmul, a
 tensor's value where it is known while tracing, and the SavedModel
 endpoints an export can write.
 
@@ -32,6 +33,7 @@ else:
         f"KERAS_BACKEND={NAME!r} is not supported.")
 
 differentiable_solve = implementation.differentiable_solve
+host_call = implementation.host_call
 inference_function = implementation.inference_function
 jacobian_product = implementation.jacobian_product
 jvp = implementation.jvp
@@ -46,6 +48,8 @@ vjp = implementation.vjp
 # A custom JAX gradient is a pure function: it cannot report the backward
 # solve's statistics (CNF.stats["backward_nfe"] stays 0 there).
 REPORTS_BACKWARD = NAME != "jax"
+# Whether a compiled (XLA) step can call the host (`host_call`): not on TensorFlow.
+HOST_CALLS_COMPILE = implementation.HOST_CALLS_COMPILE
 
 
 
@@ -67,10 +71,12 @@ def jit_by_default(conv):
 
 
 __all__ = [
+    "HOST_CALLS_COMPILE",
     "NAME",
     "REPORTS_BACKWARD",
     "jit_by_default",
     "differentiable_solve",
+    "host_call",
     "inference_function",
     "jacobian_product",
     "jvp",

@@ -1,5 +1,6 @@
 """TensorFlow implementations of the backend hooks."""
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import record
 
@@ -84,6 +85,21 @@ def jacobian_product(fn, z, v):
         tape.watch(z)
         f = fn(z)
     return f, tape.gradient(f, z, output_gradients=v)
+
+
+def host_call(fn, args, shape, dtype):
+    """fn(*numpy arrays) -> a NumPy array of `shape` and `dtype`, called from the graph.
+
+    tf.numpy_function: graph mode runs it, XLA cannot (HOST_CALLS_COMPILE).
+    """
+    out = tf.numpy_function(lambda *a: np.asarray(fn(*a), dtype), list(args), tf.as_dtype(dtype),
+                            stateful=False)
+    out.set_shape(tuple(s if isinstance(s, int) else None for s in shape))
+    return out
+
+
+# tf.numpy_function has no XLA kernel.
+HOST_CALLS_COMPILE = False
 
 
 def jvp(fn, primals, tangents):

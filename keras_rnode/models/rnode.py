@@ -1,13 +1,14 @@
 """RNODE: a chain of CNF blocks trained by likelihood, with penalties on their dynamics."""
 
 import math
+import warnings
 from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_rnode import backend, checks, regularizers
+from keras_rnode import backend, checks, objectives, regularizers
 from keras_rnode.backend.distribute import scale_loss
 from keras_rnode.layers.cnf import CNF, EVALUATION_SEED
 from keras_rnode.layers.transforms import Dequantize, LogitTransform, bits_per_dim, check_levels
@@ -93,6 +94,13 @@ class RNODE(keras.Model):
             registered in `keras_rnode.regularizers` (kinetic, jacobian,
             directional, total_derivative, or your own). Default
             {"kinetic": 0.01, "jacobian": 0.01}, the paper's.
+        objective: how training fits the flow (`keras_rnode.objectives`):
+            "likelihood" (the default: solve and minimize nats or bits/dim
+            plus the penalties) or flow matching, "flow_matching" or
+            `FlowMatching(coupling="independent" | "ot", sigma=0.0)` (no
+            solve in training; the penalties wait for a likelihood phase).
+            Settable: `model.objective = "likelihood"`, then compile and fit,
+            fine-tunes a flow-matching model by likelihood.
 
     `model(x)` returns log p(x) per sample (of the dequantized y in [0,1)^D
     for images). Training minimizes bpd (or nats) + sum over the
@@ -101,12 +109,16 @@ class RNODE(keras.Model):
     each such penalty under its name, nfe, solver_failures and (with the
     adjoint gradient, where the backend reports it) backward_nfe.
 
+    Flow matching logs loss and flow_matching (the regression loss, per
+    event dimension) and no solver figures: it solves nothing.
+
     Raises ValueError for blocks that are not CNFs, an unknown penalty, a
-    negative weight, or both `regularizers` and kinetic/jacobian.
+    negative weight, both `regularizers` and kinetic/jacobian, or an
+    objective the model cannot train with.
     """
 
     def __init__(self, blocks, kinetic=None, jacobian=None, levels=None, logit_alpha=None,
-                 seed=None, regularizers=None, **kwargs):
+                 seed=None, regularizers=None, objective="likelihood", **kwargs):
         # Data, log-densities and transforms stay in the variable dtype under a mixed
         # policy (the dynamics alone compute in float16): Keras must not cast them.
         kwargs.setdefault("autocast", False)
@@ -117,7 +129,9 @@ class RNODE(keras.Model):
                              f"got {[type(b).__name__ for b in blocks]}")
         self.blocks = blocks
         self.levels = levels
+        self._objective = objectives.Likelihood()
         self.regularizers = _regularizers(regularizers, kinetic, jacobian)
+        self.objective = objective
         self.logit_alpha = logit_alpha
         self.seed = seed
         policy = keras.DTypePolicy(self.dtype_policy.variable_dtype)
@@ -134,6 +148,44 @@ class RNODE(keras.Model):
     def regularizers(self, value):
         self._regularizers = regularizers.weights(value)
         self._make_trackers()
+
+    @property
+    def objective(self):
+        """The training objective (`keras_rnode.objectives`): Likelihood() or FlowMatching(...).
+
+        Set it by name or value; compile again before the next fit (the
+        compiled training step is dropped).
+        """
+        return self._objective
+
+    @objective.setter
+    def objective(self, value):
+        objective = objectives.get(value)
+        if isinstance(objective, objectives.FlowMatching):
+            self._check_flow_matching(objective)
+        self._objective = objective
+        self._make_trackers()
+        # A training step compiled for the other objective must not run on.
+        for name in ("train_function", "test_function", "predict_function"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, None)
+
+    def _check_flow_matching(self, objective):
+        """ValueError unless flow matching has one path to regress on: data to noise."""
+        if type(self)._forward is not RNODE._forward:
+            raise ValueError(
+                f"flow matching regresses one velocity field along a path from the data to "
+                f"the base; {type(self).__name__} squeezes and factors out parts of the "
+                "state between its blocks, so no such path runs through it: train it by "
+                "likelihood")
+        if any(b.train_T for b in self.blocks):
+            raise ValueError("flow matching fixes the time interval of the path; train_T "
+                             "(a learned end time) is for the likelihood objective")
+        if objective.coupling == "ot" and self.conditional:
+            raise ValueError(
+                "coupling='ot' pairs data with noise across the batch, so the noise paired "
+                "with a given context would no longer be N(0, I): a conditional flow takes "
+                "coupling='independent'")
 
     @property
     def kinetic(self):
@@ -156,6 +208,11 @@ class RNODE(keras.Model):
         return "bpd" if self.levels else "nll"
 
     def _make_trackers(self):
+        if isinstance(self._objective, objectives.FlowMatching):
+            # No solve: no solver figures.
+            name = objectives.FlowMatching.name
+            object.__setattr__(self, "_trackers", {name: keras.metrics.Mean(name=name)})
+            return
         names = (self.likelihood_metric, *self.trained_penalties, "nfe")
         # Only the adjoint solves backwards, and JAX cannot report it.
         if backend.REPORTS_BACKWARD and any(b.train_solver.gradient == "adjoint"
@@ -312,6 +369,8 @@ class RNODE(keras.Model):
         """log p per sample of x, or of (x, context) for a conditional model; in training
         a dict of log_prob and the trained penalties' sums."""
         x, context = self._split(inputs)
+        if training and isinstance(self._objective, objectives.FlowMatching):
+            return {objectives.FlowMatching.name: self._flow_matching_loss(x, context)}
         if training:
             log_p, sums = self._flow(x, context, True, self.trained_penalties)
             return {"log_prob": log_p, "penalties": sums}
@@ -426,7 +485,60 @@ class RNODE(keras.Model):
             return bits_per_dim(log_p, math.prod(self.event_shape), self.levels)
         return -log_p
 
+    def _flow_matching_loss(self, x, context):
+        """The per-sample flow matching loss of a batch (`keras_rnode.objectives`).
+
+        In the flow's space (after dequantization and the logit transform): a
+        base draw z per point (paired by the minibatch OT assignment for
+        coupling="ot"), t ~ U[0, T] per point, and the regression of the
+        dynamics at (t, z_t) onto the path's velocity. A chain of blocks is one
+        path over the sum of their intervals, each block taking its piece.
+        """
+        objective = self._objective
+        x = self._checked_data(x, context)
+        if self.dequantize is not None:
+            x, _ = self.dequantize(x, training=True)
+        if self.logit is not None:
+            x, _ = self.logit(x)
+        context = None if context is None else self.blocks[0]._checked_context(context, x)
+        seed = self.blocks[0].seed_generator
+        z = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
+        if objective.coupling == "ot":
+            z = ops.take(z, backend.host_call(objectives.ot_assignment, [x, z], ops.shape(x)[:1],
+                                              "int32"), axis=0)
+        ends = [float(b.T) for b in self.blocks]
+        total = sum(ends)
+        batch = ops.shape(x)[:1]
+        t = keras.random.uniform(batch, 0.0, total, dtype=x.dtype, seed=seed)
+        eps = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed) if objective.sigma \
+            else None
+        z_t, target = objectives.straight_path(x, z, t, total, objective.sigma, eps)
+        velocity, start = 0.0, 0.0
+        for i, (block, end) in enumerate(zip(self.blocks, ends)):
+            local = t - start
+            inside = (local >= 0) & ((local < end) | (i == len(self.blocks) - 1))
+            f = block.velocity(ops.clip(local, 0.0, end), z_t, context)
+            velocity = velocity + ops.where(
+                ops.reshape(inside, (-1,) + (1,) * (len(x.shape) - 1)), f, 0.0)
+            start += end
+            # There was no solve: the stats say so (a watch reads them after the step).
+            for name, value in (("nfe", 0), ("accepted", 0), ("rejected", 0), ("status", 0)):
+                block.stats[name].assign(value)
+        return objectives.regression_loss(velocity, target)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        name = objectives.FlowMatching.name
+        if isinstance(self._objective, objectives.FlowMatching) and not isinstance(y_pred, dict):
+            # evaluate(): the flow matching loss of the data, as fit reports it (held-out
+            # log-densities are log_prob's, or keras_rnode.evaluation's).
+            y_pred = {name: self._flow_matching_loss(*self._split(x))}
+        if isinstance(y_pred, dict) and name in y_pred:
+            loss = ops.mean(y_pred[name])
+            self._trackers[name].update_state(
+                ops.where(ops.isfinite(loss), loss, 0.0) if self._skips_bad_steps else loss,
+                sample_weight=ops.cast(ops.isfinite(loss), "float32")
+                if self._skips_bad_steps else None)
+            return scale_loss(loss)
         if not isinstance(y_pred, dict):  # evaluate(): y_pred is log p
             y_pred = {"log_prob": y_pred, "penalties": {}}
         values = {self.likelihood_metric: ops.mean(self.likelihood_loss(y_pred["log_prob"]))}
@@ -480,6 +592,12 @@ class RNODE(keras.Model):
 
     def compile(self, optimizer="rmsprop", **kwargs):
         super().compile(optimizer=optimizer, **kwargs)
+        if (self.jit_compile and isinstance(self._objective, objectives.FlowMatching)
+                and self._objective.coupling == "ot" and not backend.HOST_CALLS_COMPILE):
+            warnings.warn("coupling='ot' solves its assignment on the host, which XLA cannot "
+                          f"compile on {backend.NAME}: training in graph mode (jit_compile="
+                          "False)", RuntimeWarning, stacklevel=2)
+            self.jit_compile = False
         from keras_rnode.optimizers import SkipBadSteps
 
         self._skips_bad_steps = isinstance(self.optimizer, SkipBadSteps)
@@ -497,6 +615,11 @@ class RNODE(keras.Model):
                            ("the validation data", kwargs.get("validation_data"))):
             for part in data if isinstance(data, (tuple, list)) else (data,):
                 checks.check_finite(part, what)
+        if not self.built and self.conditional:
+            # Keras would build from x alone, without the context the blocks need.
+            shapes = _pair_shapes(x, y)
+            if shapes is not None:
+                self.build(shapes)
         return super().fit(x, y, *args, **kwargs)
 
     @property
@@ -526,8 +649,8 @@ class RNODE(keras.Model):
         config = super().get_config()
         config.update(
             blocks=[keras.saving.serialize_keras_object(b) for b in self.blocks],
-            regularizers=self.regularizers, levels=self.levels,
-            logit_alpha=self.logit_alpha, seed=self.seed)
+            regularizers=self.regularizers, objective=self._objective.to_config(),
+            levels=self.levels, logit_alpha=self.logit_alpha, seed=self.seed)
         return config
 
     @classmethod
@@ -564,3 +687,18 @@ def _regularizers(given, kinetic, jacobian):
     shorthand = {"kinetic": kinetic, "jacobian": jacobian}
     return {name: DEFAULT_REGULARIZERS[name] if w is None else w
             for name, w in shorthand.items()}
+
+
+def _pair_shapes(x, y):
+    """((None, *event_shape), (None, C)) of fit's data for a conditional model: arrays x
+    and y, a pair (x, c), or a tf.data set of pairs; None where they cannot be read."""
+    if isinstance(x, (tuple, list)) and len(x) == 2 and y is None:
+        x, y = x
+    if hasattr(x, "element_spec"):  # tf.data: (x, c) pairs
+        spec = x.element_spec
+        if isinstance(spec, tuple) and len(spec) == 2:
+            return tuple(tuple(part.shape) for part in spec)
+        return None
+    if hasattr(x, "shape") and hasattr(y, "shape"):
+        return (None, *tuple(x.shape)[1:]), (None, *tuple(y.shape)[1:])
+    return None
