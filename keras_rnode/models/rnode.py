@@ -302,12 +302,14 @@ class RNODE(keras.Model):
         of its end raises SolveFailed in eager code (strict=False: NaN for
         the batch instead) and gives NaN for the whole batch in compiled code.
         """
-        encoded = self._encode(y, context=context, training=training, penalties=penalties,
-                               probes=probes, per_probe=per_probe)
         if training:
-            return encoded
+            return self._encode(y, context=context, training=True, penalties=penalties,
+                                probes=probes, per_probe=per_probe)
+        (y, context), clean = _clean_rows([y, context])
+        encoded = self._encode(y, context=context, penalties=penalties, probes=probes,
+                               per_probe=per_probe)
         (log_det,) = self._unless_failed([encoded.log_det], "evaluation", strict)
-        return encoded._replace(log_det=log_det)
+        return encoded._replace(log_det=_nan_unless(clean, log_det))
 
     def _encode(self, y, **call_options):
         y = ops.cast(ops.convert_to_tensor(y), self.state_dtype)
@@ -326,13 +328,14 @@ class RNODE(keras.Model):
         continuous (for images in [0, 1)^D, not yet floored to grey levels).
         A failed solve: as for `encode`, NaN for y and the log-det.
         """
-        y, log_det = self._inverse([ops.cast(ops.convert_to_tensor(v), self.state_dtype)
-                                    for v in latents], context)
+        latents = [ops.cast(ops.convert_to_tensor(v), self.state_dtype) for v in latents]
+        (*latents, context), clean = _clean_rows([*latents, context])
+        y, log_det = self._inverse(latents, context)
         if self.logit is not None:
             y, logit_log_det = self.logit.inverse(y)
             log_det = log_det + logit_log_det
         y, log_det = self._unless_failed([y, log_det], "sampling", strict)
-        return y, log_det
+        return _nan_unless(clean, y, batch_axis=0), _nan_unless(clean, log_det)
 
     def _forward(self, x, **call_options):
         """The CNF part: x -> (latent parts, sum of delta_logp, penalty sums).
@@ -687,6 +690,41 @@ def _regularizers(given, kinetic, jacobian):
     shorthand = {"kinetic": kinetic, "jacobian": jacobian}
     return {name: DEFAULT_REGULARIZERS[name] if w is None else w
             for name, w in shorthand.items()}
+
+
+def _clean_rows(tensors):
+    """(tensors with their non-finite rows zeroed, (batch,) booleans of the clean rows).
+
+    Eager tensors with NaN or inf raise ValueError naming the first bad row
+    (`checks.check_finite`); in compiled code, which cannot raise, a bad row is
+    solved as zeros, so that it cannot fail its batch-mates' solve, and the
+    caller gives it NaN (`_nan_unless`). None entries pass through.
+    """
+    present = [ops.convert_to_tensor(t) for t in tensors if t is not None]
+    for t in present:
+        checks.check_finite(t)
+    clean = _finite_rows(present[0])
+    for t in present[1:]:
+        clean = clean & _finite_rows(t)
+    return [None if t is None else ops.where(_per_row(clean, t), t, ops.zeros_like(t))
+            for t in (None if t is None else ops.convert_to_tensor(t) for t in tensors)], clean
+
+
+def _nan_unless(clean, value, batch_axis=-1):
+    """value with NaN in the rows where `clean` (batch,) is False; the batch is value's
+    last axis (log-densities: (batch,) or (probes, batch)) or, batch_axis=0, its first."""
+    rows = _per_row(clean, value) if batch_axis == 0 else clean
+    return ops.where(rows, value, ops.full_like(value, float("nan")))
+
+
+def _finite_rows(x):
+    """(batch,) booleans: the rows of x without NaN or inf."""
+    return ops.all(ops.reshape(ops.isfinite(x), (-1, math.prod(x.shape[1:]))), axis=1)
+
+
+def _per_row(rows, x):
+    """(batch,) values broadcastable against x (batch, ...)."""
+    return ops.reshape(rows, (-1,) + (1,) * (len(x.shape) - 1))
 
 
 def _pair_shapes(x, y):
