@@ -143,10 +143,10 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
     (final,) = ops.while_loop(cond, body, (initial,))
     # A rejected step never enters y, but a state left out of error control
     # can carry NaN to the end.
-    reached = ops.where(_all_finite(final.y), Status.SUCCESS, Status.NON_FINITE_STATE)
+    reached = ops.where(_all_finite(final.y), Status.SUCCESS.value, Status.NON_FINITE_STATE.value)
     status = ops.where(
         final.s >= length, reached,
-        ops.where(final.underflow, Status.STEP_UNDERFLOW, Status.MAX_STEPS_REACHED),
+        ops.where(final.underflow, Status.STEP_UNDERFLOW.value, Status.MAX_STEPS_REACHED.value),
     )
     records = (final.recorder, final.accepted) if record else None
     stats = _stats(final.nfe, final.accepted, final.rejected, status)
@@ -183,7 +183,7 @@ def _fixed(func, settings, y0, t0, direction, length, static_length, record):
 
     taken, y, finite, recorder = ops.while_loop(
         cond, body, (ops.zeros((), "int32"), list(y0), _all_finite(y0), recorder))
-    status = ops.where(taken >= count, Status.SUCCESS, Status.MAX_STEPS_REACHED)
-    status = ops.where(finite, status, Status.NON_FINITE_STATE)
+    status = ops.where(taken >= count, Status.SUCCESS.value, Status.MAX_STEPS_REACHED.value)
+    status = ops.where(finite, status, Status.NON_FINITE_STATE.value)
     stats = _stats(taken * tableau.stages, taken, ops.zeros((), "int32"), status)
     return y, stats, ((recorder, taken) if record else None)
