@@ -13,7 +13,6 @@ import numpy as np
 from keras import ops
 
 from keras_rnode import backend
-from keras_rnode.solvers.controller import error_norm
 from keras_rnode.solvers.solution import Status
 from keras_rnode.solvers.stepping import rk_step
 
@@ -92,7 +91,7 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
             h0 = ops.minimum(ops.convert_to_tensor(settings.first_step, dtype), length)
             return [*f0, h0, ops.ones((), "int32")]
         h = controller.initial_step(func, t0, y0, f0, direction, length, tableau.order,
-                                    settings.rtol, settings.atol, controlled)
+                                    controlled)
         return [*f0, h, 2 * ops.ones((), "int32")]
 
     def empty():
@@ -115,13 +114,13 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
         t = t0 + direction * state.s
         k = state.k if tableau.fsal else func(t, state.y)
         y_new, error, k_new = rk_step(func, tableau, t, state.y, direction * h, k)
-        norm = error_norm(error, state.y, y_new, settings.rtol, settings.atol, controlled)
+        norm = controller.norm(error, state.y, y_new, controlled)
         ok, factor, control = controller.adapt(norm, state.control, tableau.order)
         recorder = state.recorder
         if record:
             recorder = backend.recorder_write(
                 recorder, state.accepted, [ops.stack([state.s, h]), *state.y], ok)
-        h_next = h * factor
+        h_next = h * ops.cast(factor, dtype)  # a controller may compute in another dtype
         tiny = 4.0 * eps * ops.maximum(ops.abs(t), length)
         return (_AdaptiveState(
             s=ops.where(ok, ops.where(last, length, state.s + h), state.s),
@@ -139,7 +138,7 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
     initial = _AdaptiveState(s=zero, h=started[n], y=list(y0), k=list(started[:n]),
                              nfe=started[n + 1], accepted=zero_i, rejected=zero_i,
                              underflow=ops.zeros((), "bool"),
-                             control=controller.initial_state(), recorder=recorder)
+                             control=controller.initial_state(dtype), recorder=recorder)
     (final,) = ops.while_loop(cond, body, (initial,))
     # A rejected step never enters y, but a state left out of error control
     # can carry NaN to the end.

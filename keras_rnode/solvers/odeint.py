@@ -8,6 +8,7 @@ from keras import ops
 from keras import tree
 
 from keras_rnode import backend, checks
+from keras_rnode.solvers import norms
 from keras_rnode.solvers.adjoint import adjoint_backward
 from keras_rnode.solvers.direct import direct_backward
 from keras_rnode.solvers.integrate import integrate
@@ -34,9 +35,13 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
             that func reads from outside and that needs a gradient.
         solver: a `SolverSettings`; or give its fields as keywords:
             method ("dopri5" adaptive, "rk4" or "euler" fixed-step),
-            rtol, atol, step_size (fixed-step methods), max_steps,
-            gradient ("adjoint", "direct" or "none"), first_step,
-            controller. Keywords given with `solver` replace its fields.
+            rtol, atol, error_norm ("rms", or "per_sample": the step as
+            good as its worst sample, the leading axis of every controlled
+            state being the sample axis), step_size (fixed-step methods),
+            max_steps, gradient ("adjoint", "direct" or "none"),
+            first_step, controller (a StepController, PIController or any
+            object with the controller interface: solvers/controller.py).
+            Keywords given with `solver` replace its fields.
         error_control: booleans in the structure of y0; False leaves that
             state out of step-size control (default: all controlled).
         on_backward: called with the backward solve's stats dict (adjoint
@@ -48,12 +53,15 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
         A `Solution` with `y` (structure of y0) and `stats`.
 
     Raises:
-        ValueError for a bad y0, func, end time or setting (naming it);
-        TypeError for a keyword that is not a solver setting.
+        ValueError for a bad y0, func, end time or setting (naming it), and
+        for error_norm="per_sample" on controlled states without a common
+        leading axis; TypeError for a keyword that is not a solver setting.
     """
     settings = resolve(solver, options)
     flat_y0, controlled = _validate(func, y0, t0, t1, error_control)
     dtype = flat_y0[0].dtype
+    if settings.adaptive and settings.error_norm == "per_sample":
+        norms.check_sample_axis([v for v, c in zip(flat_y0, controlled) if c])
     # What the solve reads besides y0 that can carry a gradient: the end
     # times (unless both are plain numbers, which keeps a fixed-step count
     # known while tracing) and args.
