@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_rnode import backend
+from keras_rnode import backend, checks
 from keras_rnode.solvers.solution import Status
 from keras_rnode.solvers.stepping import rk_step
 
@@ -34,6 +34,20 @@ def _all_finite(y):
     return ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in y]))
 
 
+def is_empty(y):
+    """Whether every tensor of y has no entry: a Python bool where the shapes say, else (a
+    batch size known only when the solve runs) a scalar boolean tensor."""
+    empty = []
+    for v in y:
+        shape = checks.static_shape(v)
+        if 0 in shape:
+            continue
+        if None not in shape:
+            return False
+        empty.append(ops.equal(ops.size(v), 0))
+    return ops.all(ops.stack(empty)) if empty else True
+
+
 def fixed_step_count(length, step_size):
     # Uniform steps that land exactly on t1; the small slack keeps
     # 1.0 / 0.1 from becoming 11 steps.
@@ -50,18 +64,25 @@ def time_frame(t0, t1, dtype):
     return t0, direction, ops.abs(t1 - t0)
 
 
-def integrate(func, settings, y0, t0, t1, *, controlled, record):
+def integrate(func, settings, y0, t0, t1, *, controlled, record, idle=None):
     """Solve from t0 to t1 as `settings` (a SolverSettings) say. Returns (y1, stats, records).
 
     `controlled`: one flag per state, False to leave it out of step-size
     control. `records` is None unless `record`; then it is (recorder,
     count) where the recorder holds [s_and_h, *y] of each accepted step.
+    `idle`: a scalar boolean, true when y0 is the answer (default: when
+    every state is empty, an empty batch); the solve then takes no step and
+    succeeds, as over a zero-length interval.
     """
     static_length = _static_length(t0, t1)
     t0, direction, length = time_frame(t0, t1, y0[0].dtype)
+    idle = is_empty(y0) if idle is None else idle
+    # An empty batch has no error to measure (0 / 0 in the RMS): it is not stepped.
+    if idle is not False:
+        length = ops.where(idle, ops.zeros_like(length), length)
     if settings.adaptive:
         return _adaptive(func, settings, y0, t0, direction, length, controlled, record)
-    return _fixed(func, settings, y0, t0, direction, length, static_length, record)
+    return _fixed(func, settings, y0, t0, direction, length, static_length, idle, record)
 
 
 class _AdaptiveState(NamedTuple):
@@ -152,13 +173,16 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
     return final.y, stats, records
 
 
-def _fixed(func, settings, y0, t0, direction, length, static_length, record):
+def _fixed(func, settings, y0, t0, direction, length, static_length, idle, record):
     tableau, step_size, max_steps = settings.tableau, settings.step_size, settings.max_steps
     dtype = keras.backend.standardize_dtype(y0[0].dtype)
     if static_length is not None:
         count = fixed_step_count(static_length, step_size)
         steps = min(count, max_steps)
         capacity = max(steps, 1)
+        if idle is not False:
+            count = ops.where(idle, 0, count)
+            steps = ops.where(idle, 0, steps)
     else:
         count = ops.cast(ops.ceil(length / step_size * (1 - 1e-9)), "int32")
         steps = ops.minimum(count, max_steps)

@@ -50,7 +50,8 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
             (max_steps, step underflow, a non-finite state) gives NaN gradients.
 
     Returns:
-        A `Solution` with `y` (structure of y0) and `stats`.
+        A `Solution` with `y` (structure of y0) and `stats`. An empty batch
+        (every state with no entry) is a success with no evaluation.
 
     Raises:
         ValueError for a bad y0, func, end time or setting (naming it), and
