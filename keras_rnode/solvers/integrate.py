@@ -48,6 +48,11 @@ def is_empty(y):
     return ops.all(ops.stack(empty)) if empty else True
 
 
+def epsilon(dtype):
+    """The machine epsilon of a floating dtype (float16, bfloat16, float32, float64)."""
+    return float(np.finfo(np.dtype(keras.backend.standardize_dtype(dtype))).eps)
+
+
 def fixed_step_count(length, step_size):
     # Uniform steps that land exactly on t1; the small slack keeps
     # 1.0 / 0.1 from becoming 11 steps.
@@ -122,7 +127,7 @@ def _adaptive(func, settings, y0, t0, direction, length, controlled, record):
     n = len(y0)
     recorder = (backend.recorder_new(settings.max_steps, [ops.zeros((2,), dtype), *y0])
                 if record else [])
-    eps = float(np.finfo(np.dtype(dtype)).eps)
+    eps = epsilon(dtype)
     per_step = tableau.stages - 1 if tableau.fsal else tableau.stages
 
     def cond(state):
