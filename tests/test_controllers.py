@@ -18,24 +18,13 @@ import keras_rnode as kr
 from keras_rnode.solvers import Controller, PIController, StepController, register_controller
 from keras_rnode.solvers.settings import SettingError, SolverSettings
 from tests.backend_utils import MODES, compiled, f64, np_
+from tests.test_solver import _van_der_pol
 
 pytestmark = pytest.mark.backends
 
 
 def stats(sol):
     return {k: int(np_(v)) for k, v in sol.stats.items()}
-
-
-def _van_der_pol(mu):
-    def func(t, y):
-        x, v = y[..., 0:1], y[..., 1:2]
-        return ops.concatenate([v, mu * (1.0 - x * x) * v - x], axis=-1)
-
-    def func_np(t, y):
-        x, v = y
-        return [v, mu * (1.0 - x * x) * v - x]
-
-    return func, func_np
 
 
 def _solve_van_der_pol(mu, tol, controller):
