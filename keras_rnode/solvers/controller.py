@@ -10,15 +10,22 @@ The loop only asks. Any object with this interface is a controller
                                   "per_sample", see norms.py); None: as the
                                   SolverSettings holding it say
     replace(**changes)            a copy with fields changed, checked again
-    initial_state(dtype)          a dict of tensors the loop carries between
-                                  attempts for it (the controller's memory)
+    initial_state(dtype)          a dict of scalar tensors the loop carries
+                                  between attempts for it (its memory);
+                                  dtype: the states' floating dtype
     initial_step(func, t0, y0, f0, direction, length, order, controlled)
                                   the first step's size, a positive scalar
+                                  tensor at most `length` (= |t1 - t0|);
+                                  func(t, y) -> dy/dt on lists of tensors,
+                                  f0 = func(t0, y0), direction +-1, order
+                                  the method's, controlled one bool a state
     norm(error, y0, y1, controlled)
-                                  a scalar: the attempt's error in units of
-                                  the tolerance (at most 1 is good enough)
-    adapt(norm, state, order)     (accept, factor for the next step, new
-                                  state); `order` is the method's order
+                                  a scalar tensor of y's dtype: the attempt's
+                                  error (lists: the embedded estimate, the
+                                  states before and after) in units of the
+                                  tolerance; at most 1 is good enough
+    adapt(norm, state, order)     (accept: a scalar bool tensor, the factor
+                                  of the next step: a scalar, new state)
     get_config(), from_config(config) (a classmethod)
                                   its fields as a JSON-able dict, and back
 
