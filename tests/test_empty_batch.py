@@ -120,3 +120,14 @@ def test_a_batch_known_only_when_the_graph_runs(solver, gradient, jit):
     stats, _, g_k, backward_nfe = run(f64([[1.0, 2.0]]))
     assert as_ints(stats)["nfe"] > 0 and float(g_k) != 0.0
     assert (int(backward_nfe) > 0) == (gradient == "adjoint")
+
+
+def test_a_flows_log_prob_of_an_empty_batch():
+    # Keras calls models on empty batches (keras-team/keras#7038, #22564).
+    cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(8,)), trace="exact")
+    model = kr.RNODE([cnf])
+    model.log_prob(np.zeros((3, 2), "float32"))  # builds it
+    assert int(np_(cnf.stats["nfe"])) > 0
+    log_p = model.log_prob(np.zeros((0, 2), "float32"))
+    assert tuple(log_p.shape) == (0,)
+    assert {k: int(np_(cnf.stats[k])) for k in NOTHING} == NOTHING
