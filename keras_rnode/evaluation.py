@@ -78,9 +78,9 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
                 f"the evaluation solve of batch {start // batch_size} (rows {start} to "
                 f"{start + len(batch) - 1}) ended with status {batch_status.label} after "
                 f"{nfes[-1]} function evaluations: {batch_status.happened}, so its "
-                f"log-densities would be wrong. What to do: {batch_status.remedy} (the "
-                "evaluation solver's; rnode evaluate takes --max-steps, --rtol, --atol, "
-                "--method, --step-size)")
+                f"log-densities would be wrong. What to do: {batch_status.remedy}, in the "
+                "evaluation solver (rnode evaluate takes --rtol, --atol, --method and "
+                "--step-size; max_steps is rnode train's --max-steps)")
         status = max(status, batch_status)
     log_p = np.concatenate(out, axis=1)
     return (log_p if per_probe else log_p.mean(axis=0)), float(np.mean(nfes)), status.label
