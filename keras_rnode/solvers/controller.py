@@ -54,10 +54,6 @@ INTERFACE = ("replace", "initial_state", "initial_step", "norm", "adapt", "get_c
              *ACCURACY_FIELDS)
 
 
-def _controlled(values, controlled):
-    return [v for v, c in zip(values, controlled) if c]
-
-
 def _smallest(values, bound):
     """min(min(values), bound): no reduction of an empty vector."""
     from keras import ops
@@ -101,10 +97,11 @@ class Controller:
     def norm(self, error, y0, y1, controlled):
         """The worst of `norms` of err / (atol + rtol * max(|y0|, |y1|)) over the controlled
         states (HNW I, II.4, eq. (4.11)): the RMS over all, or of the worst sample."""
-        scales = norms.scales(_controlled(y0, controlled), _controlled(y1, controlled),
-                              self.rtol, self.atol)
-        return norms.worst(norms.norms(_controlled(error, controlled), scales,
-                                       self.error_norm))
+        def pick(values):
+            return norms.controlled(values, controlled)
+
+        scales = norms.scales(pick(y0), pick(y1), self.rtol, self.atol)
+        return norms.worst(norms.norms(pick(error), scales, self.error_norm))
 
     def initial_step(self, func, t0, y0, f0, direction, length, order, controlled):
         """Hairer, Norsett & Wanner's starting step (Solving ODEs I, Section II.4).
@@ -115,19 +112,20 @@ class Controller:
         """
         from keras import ops
 
-        y0_c = _controlled(y0, controlled)
-        scales = [self.atol + self.rtol * ops.abs(y) for y in y0_c]
+        def pick(values):
+            return norms.controlled(values, controlled)
+
+        scales = [self.atol + self.rtol * ops.abs(y) for y in pick(y0)]
 
         def rms(values):
             return norms.norms(values, scales, self.error_norm)
 
-        d0, d1 = rms(y0_c), rms(_controlled(f0, controlled))
+        d0, d1 = rms(pick(y0)), rms(pick(f0))
         small = (d0 < 1e-5) | (d1 < 1e-5)
         h0 = _smallest(ops.where(small, 1e-6, 0.01 * d0 / ops.where(small, 1.0, d1)), length)
         y1 = [y + direction * h0 * f for y, f in zip(y0, f0)]
         f1 = func(t0 + direction * h0, y1)
-        d2 = rms([a - b for a, b in zip(_controlled(f1, controlled),
-                                         _controlled(f0, controlled))]) / h0
+        d2 = rms([a - b for a, b in zip(pick(f1), pick(f0))]) / h0
         dmax = ops.maximum(d1, d2)
         flat = dmax <= 1e-15
         h1 = ops.where(flat, ops.maximum(1e-6, h0 * 1e-3),

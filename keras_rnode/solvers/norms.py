@@ -27,6 +27,11 @@ ERROR_NORMS = ("rms", "per_sample")
 # keras is imported when used, so that the command line's help loads without it.
 
 
+def controlled(values, flags):
+    """The values whose flag is true: the states under error control."""
+    return [v for v, flag in zip(values, flags) if flag]
+
+
 def scales(y0, y1, rtol, atol):
     """atol + rtol * max(|y0|, |y1|), entry by entry: the tolerance of each."""
     from keras import ops

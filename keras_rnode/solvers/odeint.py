@@ -85,7 +85,7 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
     if settings.adaptive:
         _check_resolution(settings, dtype)
         if settings.error_norm == "per_sample":
-            norms.check_sample_axis([v for v, c in zip(flat_y0, controlled) if c])
+            norms.check_sample_axis(norms.controlled(flat_y0, controlled))
     # What the solve reads besides y0 that can carry a gradient: the end
     # times (unless both are plain numbers, which keeps a fixed-step count
     # known while tracing) and args.
