@@ -1,18 +1,12 @@
 """benchmarks/error_norm.py: its options, and its table and reading from a result."""
 
-import importlib.util
-from pathlib import Path
-
 from click.testing import CliRunner
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "error_norm.py"
+from tests.test_benchmarks_smoke import load
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_error_norm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("error_norm")
 
 
 def test_help_lists_the_options():
