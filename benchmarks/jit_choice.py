@@ -45,7 +45,7 @@ def step_variants(label, options, batch_size, seed):
     from keras_rnode import runs
     from keras_rnode.datasets.pipeline import make_dataset
     from keras_rnode.datasets.registry import load_data
-    from keras_rnode.datasets.toy import TOY_NAMES
+    from keras_rnode.datasets.toys import TOY_NAMES
 
     settings = kr.TrainSettings(**options, seed=seed,
                                 **({"batch_size": batch_size} if batch_size else {}))

@@ -554,7 +554,7 @@ def main(datasets, sides, init, steps, after_target, target_override, eval_every
     sides = tuple(s for s in sides.split(",") if s)
     if not set(sides) <= set(SIDES):
         raise click.BadParameter(f"sides must be among {SIDES}", param_hint="--sides")
-    from keras_rnode.datasets.toy import TOY_NAMES
+    from keras_rnode.datasets.toys import TOY_NAMES
 
     unknown = [d for d in names if d not in TOY_NAMES]
     if unknown:

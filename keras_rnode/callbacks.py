@@ -18,6 +18,7 @@ import keras
 from keras_rnode.actions import ACTIONS
 # Importable from here as it always was; its home is resumable.py, beside fit_resumable.
 from keras_rnode.resumable import StepBackup  # noqa: F401
+from keras_rnode.solvers.solution import Status
 
 
 def _check_action(action, allowed):
@@ -114,21 +115,19 @@ class SolverFailures(_Watch):
     def on_train_batch_end(self, batch, logs=None):
         if self.action == "stop" and not bool(
                 keras.ops.convert_to_numpy(self.model.solves_succeeded())):
-            status = max(int(keras.ops.convert_to_numpy(b.stats["status"]))
-                         for b in self.model.blocks)
-            from keras_rnode.solvers.solution import Status
-
-            self._stop(f"a training solve ended with status {Status.name(status)} at step "
-                       f"{batch + 1}; raise max_steps or loosen the tolerances")
+            status = Status(max(int(keras.ops.convert_to_numpy(b.stats["status"]))
+                                for b in self.model.blocks))
+            self._stop(f"a training solve ended with status {status.label} at step "
+                       f"{batch + 1}: {status.message}")
 
     def on_epoch_end(self, epoch, logs=None):
         count = int(round(float((logs or {}).get("solver_failures", 0))))
         self.counts.append(count)
         if count and self.action != "stop":
             what = "skipped" if self.action == "skip" else "applied anyway"
+            short = (Status.MAX_STEPS_REACHED, Status.STEP_UNDERFLOW)
             _say(f"epoch {epoch + 1}: {count} training step(s) had a solve that stopped "
-                 f"short (max_steps reached or step underflow), {what}; raise max_steps "
-                 "or loosen the tolerances")
+                 f"short, {what}. " + " ".join(f"If {s.happened}: {s.remedy}." for s in short))
 
 
 class BadSteps(_Watch):

@@ -21,12 +21,13 @@ from click.core import ParameterSource
 from keras_rnode import regularizers, runs, train_settings
 from keras_rnode.actions import ACTIONS
 from keras_rnode.datasets.registry import IMAGE_DATASETS, TOY_TEST_SIZE
-from keras_rnode.datasets.toy import TOY_NAMES
+from keras_rnode.datasets.toys import TOY_NAMES
 from keras_rnode.layers.divergence import EXACT_TRACE_MAX_DIM, PROBES, TRACES
 from keras_rnode.models import factory
 from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.quiet_import import load_keras
-from keras_rnode.solvers.settings import FIXED_STEP_METHODS, GRADIENTS, METHODS
+from keras_rnode.solvers.norms import ERROR_NORMS
+from keras_rnode.solvers.settings import EVAL_PREFIX, FIXED_STEP_METHODS, GRADIENTS, METHODS
 from keras_rnode.train_settings import JIT_CHOICES, flag
 from keras_rnode.trajectories import STEPS as PATH_STEPS
 
@@ -68,17 +69,10 @@ def friendly_errors(fn):
 
 
 def _hidden_option(ctx, param, value):
-    """'64,64,64' -> (64, 64, 64)."""
-    if value is None:
-        return None
     try:
-        widths = tuple(int(p) for p in value.split(","))
-        if not widths or min(widths) < 1:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"--hidden must be comma-separated positive integers such "
-                                 f"as 64,64,64; got {value!r}") from None
-    return widths
+        return train_settings.parse_widths(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 def _npy_or_png(ctx, param, value):  # checked before keras loads
@@ -112,6 +106,11 @@ SOLVER_OPTIONS = (
     SolverOption("step_size", float,
                  "Step of a fixed-step training solver (the paper: rk4, 0.25).",
                  "Step of a fixed-step evaluation solver."),
+    SolverOption("error_norm", click.Choice(ERROR_NORMS),
+                 "How the adaptive training solver measures a step's error: rms over the batch, "
+                 "or per_sample (each sample held to the tolerances).",
+                 "How the adaptive evaluation solver measures a step's error: per_sample keeps "
+                 "a point's log-density independent of its batch-mates."),
     SolverOption("max_steps", INT, "Bound on solver steps per solve."),
     # Training needs a gradient; "none" is for inference.
     SolverOption("gradient", click.Choice([g for g in GRADIENTS if g != "none"]),
@@ -133,7 +132,7 @@ def solver_options(command):
     the defaults are TrainSettings()'s solvers'."""
     entries = [(flag(o.field), o.type, o.help, getattr(DEFAULTS.solver, o.field))
                for o in SOLVER_OPTIONS]
-    entries += [(flag("eval_" + o.field), o.type, o.eval_help,
+    entries += [(flag(EVAL_PREFIX + o.field), o.type, o.eval_help,
                  getattr(DEFAULTS.eval_solver, o.field)) for o in SOLVER_OPTIONS if o.eval_help]
     return _add_options(command, entries)
 

@@ -72,25 +72,18 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
         given = () if context is None else (context[rows],)
         out.append(np.asarray(ops.convert_to_numpy(fn(batch, *given))))
         nfes.append(sum(int(b.stats["nfe"].numpy()) for b in model.blocks))
-        batch_status = max(int(b.stats["status"].numpy()) for b in model.blocks)
+        batch_status = Status(max(int(b.stats["status"].numpy()) for b in model.blocks))
         if strict and batch_status != Status.SUCCESS:
             raise ValueError(
                 f"the evaluation solve of batch {start // batch_size} (rows {start} to "
-                f"{start + len(batch) - 1}) ended with status {Status.name(batch_status)} "
-                f"after {nfes[-1]} function evaluations; its log-densities would be wrong. "
-                + _REMEDIES[batch_status])
+                f"{start + len(batch) - 1}) ended with status {batch_status.label} after "
+                f"{nfes[-1]} function evaluations: {batch_status.happened}, so its "
+                f"log-densities would be wrong. What to do: {batch_status.remedy}, in the "
+                "evaluation solver (rnode evaluate takes --rtol, --atol, --method and "
+                "--step-size; max_steps is rnode train's --max-steps)")
         status = max(status, batch_status)
     log_p = np.concatenate(out, axis=1)
-    return (log_p if per_probe else log_p.mean(axis=0)), float(np.mean(nfes)), Status.name(status)
-
-
-_REMEDIES = {
-    Status.MAX_STEPS_REACHED: "Raise --max-steps or loosen the evaluation tolerances",
-    Status.STEP_UNDERFLOW: "The dynamics are too stiff there, or NaN: loosen the evaluation "
-                           "tolerances, or check the data",
-    Status.NON_FINITE_STATE: "The state overflowed to NaN or inf: evaluate with a smaller "
-                             "step or the adaptive dopri5",
-}
+    return (log_p if per_probe else log_p.mean(axis=0)), float(np.mean(nfes)), status.label
 
 
 def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):

@@ -10,21 +10,16 @@ TensorFlow. `dir()` lists the exports as if they were loaded. An export
 whose module does not exist (yet) is an AttributeError when read, never an
 error at `import keras_rnode`.
 
-A package may export a name that is also one of its modules
-(`keras_rnode.solvers.odeint`, the function, from the module odeint.py).
-The import system binds a module to its package's attribute whenever it
-loads it (`from keras_rnode.solvers.odeint import odeint` anywhere), which
-would replace the export, and a module-level `__getattr__` cannot stop
-that: for such a package alone `attach` gives the module a class that
-refuses that one binding (the module stays reachable through
-sys.modules). Renaming the module makes that unnecessary.
+An export may not share its name with a module of its package
+(`attach` refuses it): the import system binds a module to its package's
+attribute whenever it loads it, which would replace the export, and no
+module `__getattr__` can stop that.
 """
 
 import ast
 import importlib
 import importlib.util
 import sys
-import types
 
 
 def attach(package):
@@ -52,9 +47,11 @@ def attach(package):
     def __dir__():
         return sorted(set(vars(module)) | set(exports))
 
-    shadowed = {name for name, (source, _) in exports.items() if source == f"{package}.{name}"}
+    shadowed = sorted(name for name, (source, _) in exports.items()
+                      if source == f"{package}.{name}")
     if shadowed:  # see the module docstring
-        module.__class__ = _exports_over_modules(shadowed)
+        raise ImportError(f"{package} exports {shadowed}, named like modules of its own: "
+                          "loading such a module would replace the export; rename the module")
     return __getattr__, __dir__
 
 
@@ -82,12 +79,3 @@ def declared(package):
 def _is_type_checking(test):
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
             or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
-def _exports_over_modules(names):
-    """A module class that refuses to bind the submodules `names` over the exports so named."""
-    def __setattr__(self, name, value):
-        if not (name in names and isinstance(value, types.ModuleType)
-                and value.__name__ == f"{self.__name__}.{name}"):
-            types.ModuleType.__setattr__(self, name, value)
-    return type("ExportsOverModules", (types.ModuleType,), {"__setattr__": __setattr__})

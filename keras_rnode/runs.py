@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 from keras_rnode import __version__
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
-from keras_rnode.datasets.toy import TOY_NAMES, toy_entropy
+from keras_rnode.datasets.toys import TOY_NAMES, toy_entropy
 from keras_rnode.models.factory import build_model
 from keras_rnode.plots import plot_density, plot_trajectories, save_samples
-from keras_rnode.solvers.settings import FIELDS
+from keras_rnode.solvers.settings import EVAL_PREFIX, split_options
 from keras_rnode.train_settings import (
     DEFAULT_EPOCHS,
     DEFAULT_MIN_STEPS,
@@ -116,12 +116,11 @@ def resumed_settings(options, given):
             raise OptionConflict(f"--resume continues the run with its own options; "
                                  f"{flag(key)} was {was.get(key)!r}, drop {flag(key)}")
     evaluation = {key: options[key] for key in given & set(settable)}
-    solver = {field: evaluation.pop("eval_" + field) for field in FIELDS
-              if "eval_" + field in evaluation}
+    solver = split_options(evaluation, EVAL_PREFIX)
     eval_solver = saved.eval_solver
     if solver:
-        check_step_size({"step_size": eval_solver.step_size, **solver}, "eval_")
-        with named_as_flags("eval_"):
+        check_step_size({"step_size": eval_solver.step_size, **solver}, EVAL_PREFIX)
+        with named_as_flags(EVAL_PREFIX):
             eval_solver = eval_solver.for_evaluation(**solver)
     return dataclasses.replace(saved, eval_solver=eval_solver, **evaluation,
                                **{key: options[key] for key in RESUME_MAY_CHANGE})

@@ -27,12 +27,15 @@ from keras_rnode.layers.divergence import PROBES, TRACES, default_trace
 from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.models.factory import ARCHITECTURES, architecture_for, default_hidden
 from keras_rnode.solvers.settings import (
+    EVAL_PREFIX,
     FIELDS,
     FIXED_STEP_METHODS,
     SettingError,
     SolverSettings,
+    evaluation_solver,
     flatten_pair,
     pop_pair,
+    split_options,
 )
 
 DEFAULT_EPOCHS = 10
@@ -46,7 +49,7 @@ ON_NFE_LIMIT = ("warn", "stop")
 # Options that only say how the trained model is scored: a resumed run may be given
 # new ones (they change no trained weight), e.g. after an evaluation solve failed.
 EVALUATION_OPTIONS = ("n_test", "eval_trace", "eval_batch_size",
-                      *(f"eval_{field}" for field in FIELDS))
+                      *(EVAL_PREFIX + field for field in FIELDS))
 # Penalty weights written as flat options before they went by name (options.json,
 # config.json of older runs).
 LEGACY_REGULARIZERS = ("kinetic", "jacobian")
@@ -64,7 +67,7 @@ def flag(name):
 @contextlib.contextmanager
 def named_as_flags(prefix=""):
     """A SettingError raised inside, as a ValueError naming the fields as flags
-    (`prefix` "eval_": rtol is --eval-rtol)."""
+    (`prefix` EVAL_PREFIX: rtol is --eval-rtol)."""
     try:
         yield
     except SettingError as err:
@@ -80,13 +83,29 @@ def check_step_size(values, prefix=""):
                              f"{flag(prefix + 'step_size')}")
 
 
+def parse_widths(text):
+    """--hidden's '64,64,64' -> (64, 64, 64); None stays None. ValueError for anything else."""
+    if text is None:
+        return None
+    try:
+        widths = tuple(int(p) for p in text.split(","))
+        if widths and min(widths) >= 1:
+            return widths
+    except ValueError:
+        pass
+    raise ValueError(f"--hidden must be comma-separated positive integers such as 64,64,64; "
+                     f"got {text!r}")
+
+
 def _optional(check, value, *args, **kwargs):
     return None if value is None else check(value, *args, **kwargs)
 
 
 # `rnode train`'s default solver: backpropagation through the steps, faster than the
-# adjoint (benchmarks/RESULTS.md); the evaluation solver differs only where given.
+# adjoint (benchmarks/RESULTS.md); the evaluation solver differs where given, and
+# in its error norm (`solvers.settings.evaluation_solver`).
 _SOLVER = SolverSettings(gradient="direct")
+_EVAL_SOLVER = evaluation_solver(_SOLVER)
 
 
 @dataclass(frozen=True)
@@ -115,7 +134,7 @@ class TrainSettings:
     regularizers: dict = dataclasses.field(
         default_factory=lambda: {"kinetic": 0.01, "jacobian": 0.01})
     solver: SolverSettings = _SOLVER
-    eval_solver: SolverSettings = _SOLVER
+    eval_solver: SolverSettings = _EVAL_SOLVER
     trace: str = "auto"
     eval_trace: str | None = None
     noise: str = "gaussian"
@@ -216,7 +235,7 @@ class TrainSettings:
 
     def to_options(self):
         """A flat, JSON-able dict: every option by name, each solver field as one of its own
-        (the evaluation solver's with "eval_"); config.json and options.json hold it."""
+        (the evaluation solver's with EVAL_PREFIX); config.json and options.json hold it."""
         options = flatten_pair(self.solver, self.eval_solver)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -255,13 +274,12 @@ class TrainSettings:
         weights = {name: checks.non_negative(options.pop(name), flag(name))
                    for name in regularizers.BUILTINS if name in options}
         train = {name: options.pop(name) for name in FIELDS if name in options}
-        evaluation = {name: options.pop("eval_" + name) for name in FIELDS
-                      if "eval_" + name in options}
+        evaluation = split_options(options, EVAL_PREFIX)
         check_step_size(train)
-        check_step_size(evaluation, "eval_")
+        check_step_size(evaluation, EVAL_PREFIX)
         with named_as_flags():
             solver = SolverSettings(**train)
-        with named_as_flags("eval_"):
+        with named_as_flags(EVAL_PREFIX):
             eval_solver = solver.replace(**evaluation)
         return cls(solver=solver, eval_solver=eval_solver, regularizers=weights, **options)
 

@@ -9,7 +9,7 @@ from scipy.special import logsumexp
 
 from keras_rnode.datasets import images
 from keras_rnode.datasets.pipeline import make_dataset
-from keras_rnode.datasets.toy import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
+from keras_rnode.datasets.toys import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
 
 # ---------------------------------------------------------------- toy data
 

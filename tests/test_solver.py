@@ -472,23 +472,56 @@ def test_float32():
     y0 = np.array([[1.0, 0.5], [-0.2, 1.0]])
     exact = y0 @ scipy.linalg.expm(a * 2.0).T
     a_t = f32(a.T)
-    for tol, bound in ((1e-4, 1e-3), (1e-7, 1e-6)):
+    # 1e-6 is the tightest round tolerance float32 resolves (issue 26.2).
+    for tol, bound in ((1e-4, 1e-3), (1e-6, 1e-5)):
         sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), f32(y0),
                         0.0, 2.0, rtol=tol, atol=tol, gradient="none")
         assert dtype_of(sol.y) == "float32"
         assert sol.status == "success"
         assert _max_rel_error(np_(sol.y).astype("float64"), exact) < bound
-    # Below float32's resolution the answer is right to float32 precision
-    # (a few ulps), and the controller still gets there.
-    sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), f32(y0),
-                    0.0, 0.3, rtol=1e-9, atol=1e-9, gradient="none")
-    assert sol.status == "success"
-    exact = y0 @ scipy.linalg.expm(a * 0.3).T
-    assert _max_rel_error(np_(sol.y).astype("float64"), exact) < 1e-6
     for method in ("rk4", "euler"):
         sol = kr.odeint(lambda t, y: ops.matmul(y, a_t), f32(y0),
                         0.0, 2.0, method=method, step_size=0.1, gradient="none")
         assert dtype_of(sol.y) == "float32"
+
+
+@pytest.mark.parametrize("dtype, eps", [("float16", 2.0 ** -10), ("bfloat16", 2.0 ** -7),
+                                        ("float32", 2.0 ** -23)])
+def test_tolerances_below_the_dtypes_resolution_are_refused(dtype, eps):
+    # Issue 26.2: below a few eps the error estimate is rounding noise, and
+    # the solve cannot meet the tolerance; 8 eps is the line.
+    y0 = ops.convert_to_tensor(np.ones((2,), "float32"), dtype=dtype)
+    for field in ("rtol", "atol"):
+        tols = {"rtol": 8 * eps, "atol": 8 * eps, field: 7.9 * eps}
+        with pytest.raises(ValueError, match=rf"^{field}=\S+ is below what {dtype} resolves "
+                                             r"\(8 eps = \S+\): give"):
+            kr.odeint(_decay, y0, **tols)
+    # At 8 eps it runs; so do the fixed-step methods, which have no tolerance.
+    kr.odeint(_decay, y0, rtol=8 * eps, atol=8 * eps, max_steps=2)
+    kr.odeint(_decay, y0, rtol=1e-9, atol=1e-9, method="rk4", step_size=0.5)
+
+
+def test_default_tolerances_and_1e_6_stay_allowed_in_float32():
+    for tol in (1e-5, 1e-6):
+        assert kr.odeint(_decay, f32([1.0]), rtol=tol, atol=tol).status == "success"
+
+
+def test_a_float64_y0_narrowed_by_the_backend_warns():
+    import warnings
+
+    if BACKEND == "jax":
+        import jax
+
+        with jax.enable_x64(False):
+            with pytest.warns(UserWarning, match="odeint: y0 is float64 but the jax backend "
+                                                 "made it float32.*JAX_ENABLE_X64=1"):
+                sol = kr.odeint(_decay, np.ones((2,), "float64"), rtol=1e-4, atol=1e-4)
+            assert dtype_of(sol.y) == "float32"
+    # Where float64 is kept (here JAX with x64, as the tests run it), no word.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="odeint")
+        sol = kr.odeint(_decay, np.ones((2,), "float64"), rtol=1e-4, atol=1e-4)
+    assert dtype_of(sol.y) == "float64"
 
 
 @pytest.mark.parametrize("first_step, extra", [(None, 2), (0.1, 1)])

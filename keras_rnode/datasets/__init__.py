@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from keras_rnode.datasets.registry import (IMAGE_DATASETS, TOY_TEST_SIZE, check_dataset,
                                                dataset_name, is_image_dataset, load_data,
                                                load_npy)
-    from keras_rnode.datasets.toy import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
+    from keras_rnode.datasets.toys import TOY_CLASSES, TOY_NAMES, toy, toy_entropy
 
 __all__ = [
     "CIFAR10_LEVELS",

@@ -6,7 +6,7 @@ import numpy as np
 
 from keras_rnode import checks
 from keras_rnode.datasets import images
-from keras_rnode.datasets.toy import TOY_NAMES, toy
+from keras_rnode.datasets.toys import TOY_NAMES, toy
 
 # name -> (loader, grey levels)
 _IMAGE_SETS = {

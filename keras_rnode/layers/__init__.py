@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from keras_rnode.layers.cnf import CNF
     from keras_rnode.layers.dynamics import (ConcatConvNet, ConcatSquashConvNet, ConcatSquashMLP,
                                              Flattened)
-    from keras_rnode.layers.squeeze import squeeze, unsqueeze
+    from keras_rnode.layers.space_to_depth import squeeze, unsqueeze
     from keras_rnode.layers.transforms import Dequantize, LogitTransform
 
 __all__ = [

@@ -22,10 +22,12 @@ from keras import ops
 from keras_rnode import checks, regularizers
 from keras_rnode.layers import divergence
 from keras_rnode.layers.dynamics import validate_dynamics_output
-from keras_rnode.solvers.odeint import odeint
+from keras_rnode.solvers.solve import odeint
 from keras_rnode.solvers.settings import (
+    EVAL_PREFIX,
     SettingError,
     SolverSettings,
+    evaluation_solver,
     flatten_pair,
     pop_pair,
     resolve,
@@ -83,7 +85,10 @@ class CNF(keras.layers.Layer):
         eval_solver: the solver when not training; or its fields as
             keywords with an "eval_" prefix (eval_method, eval_rtol, ...).
             What is not given is as in training (a fixed-step evaluation
-            method takes the training step size).
+            method takes the training step size), but for the error norm:
+            evaluation measures each sample's own error ("per_sample":
+            a point's log-density does not depend on its batch-mates)
+            unless eval_error_norm says otherwise.
         Other keywords go to keras.layers.Layer.
 
     Raises ValueError, prefixed with the layer's name, for a bad setting.
@@ -108,7 +113,7 @@ class CNF(keras.layers.Layer):
                  eval_probes=1, T=1.0, train_T=False, seed=None, solver=None,
                  eval_solver=None, **kwargs):
         train_options = split_options(kwargs)
-        eval_options = split_options(kwargs, "eval_")
+        eval_options = split_options(kwargs, EVAL_PREFIX)
         # The solve is the variable dtype's (float32 under a mixed policy): Keras must
         # not cast its input, nor sqrt_end_time, to the policy's compute dtype.
         kwargs.setdefault("autocast", False)
@@ -131,11 +136,11 @@ class CNF(keras.layers.Layer):
                                         train_options, self.name)
             try:
                 if eval_solver is None:
-                    self.eval_solver = self.train_solver.for_evaluation(**eval_options)
+                    self.eval_solver = evaluation_solver(self.train_solver, **eval_options)
                 else:
                     self.eval_solver = resolve(eval_solver, eval_options, self.name)
             except SettingError as err:
-                raise ValueError(err.render("eval_")) from None
+                raise ValueError(err.render(EVAL_PREFIX)) from None
         self.dynamics = dynamics
         self.train_T = bool(train_T)
         self.trace = trace
@@ -232,7 +237,7 @@ class CNF(keras.layers.Layer):
             try:
                 self.eval_solver = resolve(self.eval_solver, solver, self.name)
             except SettingError as err:
-                raise ValueError(err.render("eval_")) from None
+                raise ValueError(err.render(EVAL_PREFIX)) from None
 
     def evaluation_trace(self, event_shape):
         """The trace of evaluation for events of `event_shape` (eval_trace, or the rule)."""

@@ -19,7 +19,7 @@ import keras
 from keras_rnode import checks
 from keras_rnode.layers.cnf import CNF
 from keras_rnode.layers import dynamics as nets
-from keras_rnode.layers.squeeze import squeeze, unsqueeze
+from keras_rnode.layers.space_to_depth import squeeze, unsqueeze
 from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
 from keras_rnode.models.rnode import RNODE, flow_back, flow_through
 

@@ -503,7 +503,6 @@ class RNODE(keras.Model):
             x, _ = self.dequantize(x, training=True)
         if self.logit is not None:
             x, _ = self.logit(x)
-        context = None if context is None else self.blocks[0]._checked_context(context, x)
         seed = self.blocks[0].seed_generator
         z = keras.random.normal(ops.shape(x), dtype=x.dtype, seed=seed)
         if objective.coupling == "ot":

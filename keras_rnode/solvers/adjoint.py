@@ -11,7 +11,7 @@ never feeds back into the dynamics, so leaving it out of the norm (a
 from keras import ops
 
 from keras_rnode import backend
-from keras_rnode.solvers.integrate import integrate
+from keras_rnode.solvers.integrate import integrate, is_empty
 
 
 def adjoint_backward(func_p, params, settings, y1, t0, t1, grads_y1, controlled):
@@ -19,7 +19,9 @@ def adjoint_backward(func_p, params, settings, y1, t0, t1, grads_y1, controlled)
     stats of the backward solve).
 
     The backward solve uses the forward solve's settings whole, but for its
-    first step: the forward one was chosen for the other end.
+    first step: the forward one was chosen for the other end. An empty y
+    (an empty batch) takes no step: every adjoint derivative is a sum over
+    its entries, so y, a and g stay where they start.
     """
     n = len(y1)
     m = len(params)
@@ -32,5 +34,5 @@ def adjoint_backward(func_p, params, settings, y1, t0, t1, grads_y1, controlled)
     state1 = [*y1, *grads_y1, *[ops.zeros_like(v) for v in params]]
     controlled = [*controlled, *([True] * n), *([False] * m)]
     state0, stats, _ = integrate(augmented, settings.replace(first_step=None), state1, t1, t0,
-                                 controlled=controlled, record=False)
+                                 controlled=controlled, record=False, idle=is_empty(y1))
     return state0[n:2 * n], state0[2 * n:], stats

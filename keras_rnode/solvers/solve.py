@@ -1,6 +1,7 @@
 """`odeint`: the public entry point of the solver."""
 
 import numbers
+import warnings
 
 import keras
 import numpy as np
@@ -8,13 +9,18 @@ from keras import ops
 from keras import tree
 
 from keras_rnode import backend, checks
+from keras_rnode.solvers import norms
 from keras_rnode.solvers.adjoint import adjoint_backward
 from keras_rnode.solvers.direct import direct_backward
-from keras_rnode.solvers.integrate import integrate
+from keras_rnode.solvers.integrate import epsilon, integrate
 from keras_rnode.solvers.solution import Solution, Status
 from keras_rnode.solvers.settings import resolve
 
 STAT_NAMES = ("nfe", "accepted", "rejected", "status")
+# rtol and atol below this many machine epsilons of the state's dtype cannot
+# be met: the error estimate is rounding noise there. (8, not 10: float32's
+# 1e-6, which users and the docs take, stays allowed.)
+RESOLVABLE_EPS = 8
 
 
 def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=None,
@@ -34,9 +40,13 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
             that func reads from outside and that needs a gradient.
         solver: a `SolverSettings`; or give its fields as keywords:
             method ("dopri5" adaptive, "rk4" or "euler" fixed-step),
-            rtol, atol, step_size (fixed-step methods), max_steps,
-            gradient ("adjoint", "direct" or "none"), first_step,
-            controller. Keywords given with `solver` replace its fields.
+            rtol, atol, error_norm ("rms", or "per_sample": the step as
+            good as its worst sample, the leading axis of every controlled
+            state being the sample axis), step_size (fixed-step methods),
+            max_steps, gradient ("adjoint", "direct" or "none"),
+            first_step, controller (a StepController, PIController or any
+            object with the controller interface: solvers/controller.py).
+            Keywords given with `solver` replace its fields.
         error_control: booleans in the structure of y0; False leaves that
             state out of step-size control (default: all controlled).
         on_backward: called with the backward solve's stats dict (adjoint
@@ -45,15 +55,37 @@ def odeint(func, y0, t0=0.0, t1=1.0, *, args=None, solver=None, error_control=No
             (max_steps, step underflow, a non-finite state) gives NaN gradients.
 
     Returns:
-        A `Solution` with `y` (structure of y0) and `stats`.
+        A `Solution` with `y` (structure of y0) and `stats`. An empty batch
+        (every state with no entry) is a success with no evaluation.
 
     Raises:
-        ValueError for a bad y0, func, end time or setting (naming it);
-        TypeError for a keyword that is not a solver setting.
+        ValueError for a bad y0, func, end time or setting (naming it), for
+        an adaptive solve's rtol or atol below what y0's dtype resolves
+        (8 machine epsilons: float16 7.8e-3, bfloat16 6.25e-2, float32
+        9.5e-7), and for error_norm="per_sample" on controlled states
+        without a common leading axis; TypeError for a keyword that is not
+        a solver setting.
+
+    Tracing: func is traced wherever the solve is, and a Python side effect
+    in it (a print, a list it appends to) then runs when it is traced, not
+    at each evaluation. On TensorFlow that is inside tf.function and Keras's
+    fit (graph mode or XLA), and also eagerly while a gradient tape records
+    (odeint traces func once more to find the tensors it captures); on JAX
+    always (its loops trace func). Eager TensorFlow without a tape and
+    PyTorch call func at each evaluation.
+
+    Dtypes: the solve runs in y0's dtype. JAX keeps float64 only with
+    JAX_ENABLE_X64 set (before jax is imported); without it a float64 y0
+    silently becomes float32, and odeint warns (UserWarning) where it sees
+    that happen.
     """
     settings = resolve(solver, options)
     flat_y0, controlled = _validate(func, y0, t0, t1, error_control)
     dtype = flat_y0[0].dtype
+    if settings.adaptive:
+        _check_resolution(settings, dtype)
+        if settings.error_norm == "per_sample":
+            norms.check_sample_axis(norms.controlled(flat_y0, controlled))
     # What the solve reads besides y0 that can carry a gradient: the end
     # times (unless both are plain numbers, which keeps a fixed-step count
     # known while tracing) and args.
@@ -155,6 +187,31 @@ def _check_times(t0, t1):
             raise ValueError(f"{name} must be a finite number, got {value}")
 
 
+def _check_resolution(settings, dtype):
+    """ValueError for a tolerance the dtype cannot resolve (see RESOLVABLE_EPS)."""
+    name = keras.backend.standardize_dtype(dtype)
+    floor = RESOLVABLE_EPS * epsilon(name)
+    for field in ("rtol", "atol"):
+        value = getattr(settings, field)
+        if value < floor:
+            raise ValueError(f"{field}={value:g} is below what {name} resolves "
+                             f"({RESOLVABLE_EPS} eps = {floor:.2g}): give {field} >= "
+                             f"{floor:.2g} or a state of a wider dtype")
+
+
+def _warn_if_narrowed(given, tensor):
+    """A float64 y0 that the backend made narrower (JAX without JAX_ENABLE_X64): warn."""
+    try:
+        asked = keras.backend.standardize_dtype(given.dtype)
+    except (AttributeError, TypeError, ValueError):
+        return
+    got = keras.backend.standardize_dtype(tensor.dtype)
+    if asked == "float64" and got != "float64":
+        warnings.warn(f"odeint: y0 is float64 but the {keras.backend.backend()} backend made it "
+                      f"{got}, so the solve runs in {got} (on JAX, set JAX_ENABLE_X64=1 "
+                      "before jax is imported to keep float64)", stacklevel=4)
+
+
 def _validate(func, y0, t0, t1, error_control):
     """(y0 as a flat list of tensors, the error-control flag of each)."""
     if not callable(func):
@@ -162,7 +219,10 @@ def _validate(func, y0, t0, t1, error_control):
     _check_times(t0, t1)
     if isinstance(y0, dict):
         raise ValueError("y0 must be a tensor or a tuple/list of tensors, got a dict")
-    flat = [_tensor(v) for v in tree.flatten(y0)]
+    given = tree.flatten(y0)
+    flat = [_tensor(v) for v in given]
+    for v, t in zip(given, flat):
+        _warn_if_narrowed(v, t)
     if not flat:
         raise ValueError("y0 must hold at least one tensor")
     dtypes = {str(ops.dtype(v)) for v in flat}
