@@ -131,9 +131,9 @@ def ot_assignment(x, z):
     from scipy.optimize import linear_sum_assignment
     from scipy.spatial.distance import cdist
 
-    n = len(x)
-    cost = cdist(np.reshape(x, (n, -1)).astype(np.float64),
-                 np.reshape(z, (n, -1)).astype(np.float64), "sqeuclidean")
+    n, dims = len(x), int(np.prod(np.shape(x)[1:]))
+    cost = cdist(np.reshape(x, (n, dims)).astype(np.float64),
+                 np.reshape(z, (n, dims)).astype(np.float64), "sqeuclidean")
     rows, cols = linear_sum_assignment(cost)
     assignment = np.empty(n, np.int32)
     assignment[rows] = cols

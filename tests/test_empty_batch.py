@@ -131,3 +131,24 @@ def test_a_flows_log_prob_of_an_empty_batch():
     log_p = model.log_prob(np.zeros((0, 2), "float32"))
     assert tuple(log_p.shape) == (0,)
     assert {k: int(np_(cnf.stats[k])) for k in NOTHING} == NOTHING
+
+
+@pytest.mark.parametrize("objective", ["likelihood", "flow_matching",
+                                       kr.objectives.FlowMatching(coupling="ot")],
+                         ids=["likelihood", "fm", "fm-ot"])
+def test_a_training_step_on_an_empty_batch_changes_nothing_and_fails_nothing(objective):
+    # A filtered tf.data pipeline can yield one: its loss was NaN (a mean of nothing)
+    # and its solve counted in solver_failures.
+    cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(8,), zero_init_last=False),
+                        trace="exact", method="rk4", step_size=0.5)
+    model = kr.RNODE([cnf], objective=objective)
+    model.build((None, 2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=BACKEND == "jax")
+    before = [np_(w).copy() for w in model.trainable_weights]
+    logs = model.train_on_batch(np.zeros((0, 2), "float32"), return_dict=True)
+    assert all(float(v) == 0.0 for v in logs.values()), logs
+    assert all(np.array_equal(np_(w), b) for w, b in zip(model.trainable_weights, before))
+    # A real batch after it moves the weights and logs its own loss alone.
+    logs = model.train_on_batch(kr.datasets.toy("8gaussians", 16, seed=0), return_dict=True)
+    assert float(logs["loss"]) > 0
+    assert not all(np.array_equal(np_(w), b) for w, b in zip(model.trainable_weights, before))

@@ -535,26 +535,19 @@ class RNODE(keras.Model):
             # log-densities are log_prob's, or keras_rnode.evaluation's).
             y_pred = {name: self._flow_matching_loss(*self._split(x))}
         if isinstance(y_pred, dict) and name in y_pred:
-            loss = ops.mean(y_pred[name])
-            self._trackers[name].update_state(
-                ops.where(ops.isfinite(loss), loss, 0.0) if self._skips_bad_steps else loss,
-                sample_weight=ops.cast(ops.isfinite(loss), "float32")
-                if self._skips_bad_steps else None)
+            loss = _batch_mean(y_pred[name])
+            self._track({name: loss}, loss, y_pred[name])
             return scale_loss(loss)
         if not isinstance(y_pred, dict):  # evaluate(): y_pred is log p
             y_pred = {"log_prob": y_pred, "penalties": {}}
-        values = {self.likelihood_metric: ops.mean(self.likelihood_loss(y_pred["log_prob"]))}
+        per_sample = self.likelihood_loss(y_pred["log_prob"])
+        values = {self.likelihood_metric: _batch_mean(per_sample)}
         loss = values[self.likelihood_metric]
         for name, weight in self._regularizers.items():
             if name in y_pred["penalties"]:
-                values[name] = ops.mean(y_pred["penalties"][name])
+                values[name] = _batch_mean(y_pred["penalties"][name])
                 loss = loss + weight * values[name]
-        # A step the optimizer skips must not turn the epoch's means into NaN.
-        weight = ops.cast(ops.isfinite(loss), "float32") if self._skips_bad_steps else None
-        for name, value in values.items():
-            if weight is not None:
-                value = ops.where(ops.isfinite(value), value, 0.0)
-            self._trackers[name].update_state(value, sample_weight=weight)
+        self._track(values, loss, per_sample)
         # The forward solves' stats are read here, not in compute_metrics:
         # Keras's JAX trainer holds the layers' state only while the loss
         # is computed.
@@ -564,6 +557,18 @@ class RNODE(keras.Model):
             ops.cast(ops.logical_not(self.solves_succeeded()), "float32"))
         # Under a tf.distribute strategy the replicas' gradients are summed.
         return scale_loss(loss)
+
+    def _track(self, values, loss, per_sample):
+        """Update the trackers of `values`, each step weighted by its batch size, as Keras
+        weighs its loss: an empty batch changes no mean. A step the optimizer skips (a
+        non-finite loss) must not turn the epoch's means into NaN either."""
+        weight = ops.cast(ops.shape(per_sample)[0], "float32")
+        if self._skips_bad_steps:
+            weight = weight * ops.cast(ops.isfinite(loss), "float32")
+        for name, value in values.items():
+            if self._skips_bad_steps:
+                value = ops.where(ops.isfinite(value), value, 0.0)
+            self._trackers[name].update_state(value, sample_weight=weight)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if "backward_nfe" in self._trackers:  # after the gradient, which sets it
@@ -714,6 +719,13 @@ def _nan_unless(clean, value, batch_axis=-1):
     last axis (log-densities: (batch,) or (probes, batch)) or, batch_axis=0, its first."""
     rows = _per_row(clean, value) if batch_axis == 0 else clean
     return ops.where(rows, value, ops.full_like(value, float("nan")))
+
+
+def _batch_mean(values):
+    """The mean of (batch,) values; 0 for an empty batch (whose step then changes nothing:
+    a zero gradient), where ops.mean gives NaN."""
+    count = ops.cast(ops.shape(values)[0], values.dtype)
+    return ops.sum(values) / ops.maximum(count, 1.0)
 
 
 def _finite_rows(x):
