@@ -227,11 +227,14 @@ def test_the_command_line_defaults_are_train_settings(parsed):
     defaults = kr.TrainSettings()
     assert parsed([]) == defaults
     assert defaults.regularizers == {"kinetic": 0.01, "jacobian": 0.01}
-    assert defaults.solver == kr.SolverSettings(gradient="direct") == defaults.eval_solver
+    assert defaults.solver == kr.SolverSettings(gradient="direct")
+    # Evaluation as training, but each sample held to the tolerances.
+    assert defaults.eval_solver == defaults.solver.replace(error_norm="per_sample")
     assert (defaults.dataset, defaults.batch_size, defaults.lr) == ("8gaussians", 512, 1e-3)
     options = " ".join(invoke("train", "--help").output.split()).split("Options:")[1]
     for option, value in (("--batch-size", 512), ("--n-train", defaults.n_train),
-                          ("--kinetic", 0.01), ("--directional", 0.0), ("--gradient", "direct")):
+                          ("--kinetic", 0.01), ("--directional", 0.0), ("--gradient", "direct"),
+                          ("--error-norm", "rms"), ("--eval-error-norm", "per_sample")):
         assert f"[default: {value}" in options.split(option + " ", 1)[1].split(" --", 1)[0]
     # One toy training size: the data set's default draw is the command's.
     x, _ = kr.datasets.load_data("8gaussians", "train")
@@ -339,7 +342,7 @@ def test_evaluate_chooses_the_trace_probes_and_solver(digits_run):
     assert rk4["solver"] == "rk4 step=0.25" and rk4["nfe"] == 2 * trained["nfe"]
     dopri5 = last_json(invoke("evaluate", run, "--method", "dopri5", "--rtol", "1e-3",
                               "--atol", "1e-4", "--json").output)
-    assert dopri5["solver"] == "dopri5 rtol=0.001 atol=0.0001"
+    assert dopri5["solver"] == "dopri5 rtol=0.001 atol=0.0001 error_norm=per_sample"
     assert dopri5["bpd"] == pytest.approx(trained["bpd"], abs=0.01)
     assert_clean_error(invoke("evaluate", run, "--method", "euler"), "--step-size")
     assert_clean_error(invoke("evaluate", run, "--method", "dopri5", "--step-size", "0.1"),

@@ -675,4 +675,7 @@ def test_evaluation_solver_defaults_to_the_training_one():
     cnf = CNF(net, method="rk4", step_size=0.25, eval_method="dopri5", eval_rtol=1e-6)
     assert (cnf.eval_solver.step_size, cnf.eval_solver.rtol) == (None, 1e-6)
     cnf = CNF(net, rtol=1e-4)
-    assert cnf.eval_solver == cnf.train_solver
+    # As in training, but each sample held to the tolerances (its own error norm).
+    assert cnf.train_solver.error_norm == "rms"
+    assert cnf.eval_solver == cnf.train_solver.replace(error_norm="per_sample")
+    assert CNF(net, eval_error_norm="rms").eval_solver == CNF(net).train_solver

@@ -363,9 +363,10 @@ class RNODE(keras.Model):
             stats = [{k: int(ops.convert_to_numpy(v)) for k, v in b.stats.items()}
                      for b in self.blocks]
             block, stat = next((b, s) for b, s in zip(self.blocks, stats) if s["status"])
-            status, nfe = Status.name(stat["status"]), stat["nfe"]
-            raise SolveFailed(f"the {what} solve of {block.name} ended with status {status} "
-                              f"after {nfe} function evaluations; its result would be wrong")
+            status = Status(stat["status"])
+            raise SolveFailed(f"the {what} solve of {block.name} ended with status "
+                              f"{status.label} after {stat['nfe']} function evaluations, so "
+                              f"its result would be wrong: {status.message}")
         return [ops.where(ok, v, ops.full_like(v, float("nan"))) for v in values]
 
     def call(self, inputs, training=None):
