@@ -121,14 +121,19 @@ def kinetic_batches(model, x, batch_size=500, context=None):
     the model was trained with. The mean is None where a solve stopped short.
     x is checked by `log_prob_batches`, which runs first.
     """
+    from keras_rnode.models.rnode import SolveFailed
+
     fn = _kinetic_fn(model)
     total, status = 0.0, Status.SUCCESS
     for start in range(0, len(x), batch_size):
         rows = slice(start, start + batch_size)
         given = () if context is None else (np.asarray(context[rows], np.float32),)
-        kinetic = np.asarray(ops.convert_to_numpy(fn(np.asarray(x[rows], np.float32), *given)))
+        try:
+            kinetic = fn(np.asarray(x[rows], np.float32), *given)
+        except SolveFailed:  # eager backends (PyTorch) raise; compiled ones give NaN
+            kinetic = np.nan
         status = max(status, *(int(b.stats["status"].numpy()) for b in model.blocks))
-        total += float(np.sum(kinetic, dtype=np.float64))
+        total += float(np.sum(ops.convert_to_numpy(kinetic), dtype=np.float64))
     return (total / len(x) if status == Status.SUCCESS else None), Status.name(status)
 
 
