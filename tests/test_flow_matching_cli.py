@@ -25,12 +25,13 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import keras_rnode as kr
-from keras_rnode import callbacks, runs
-from keras_rnode.cli import main
+from keras_rnode import runs
 from keras_rnode.runs import load_model
+from tests.test_cli import parsed  # noqa: F401 - a fixture
+from tests.test_resume import invoke
+from tests.test_resume import train_interrupted as interrupted
 
 # 256 points in batches of 64; Euler training steps, a loose evaluation: these tests are
 # about the run directory and its phases, not about solvers.
@@ -41,10 +42,6 @@ TINY = ["--dataset", "8gaussians", "--hidden", "8", "--batch-size", "64", "--n-t
 FM = [*TINY, "--objective", "flow-matching", "--coupling", "ot", "--sigma", "0.05",
       "--steps", "6", "--checkpoint-every", "2"]
 FINE_TUNE = ["--objective", "likelihood", "--steps", "4", "--checkpoint-every", "2"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def read(run, name):
@@ -61,25 +58,6 @@ def assert_usage_error(result, *words):
     assert len(error) == 1 and "Traceback" not in result.output, result.output
     for word in words:
         assert word in error[0], result.output
-
-
-def interrupted(monkeypatch, step, *args):
-    """`rnode train ARGS` with Ctrl-C after `step` training steps (BadSteps watches every
-    step of either objective)."""
-    original = callbacks.BadSteps.on_train_batch_end
-    seen = []
-
-    def interrupt(self, batch, logs=None):
-        seen.append(batch)
-        if len(seen) == step:
-            raise KeyboardInterrupt
-        return original(self, batch, logs)
-
-    monkeypatch.setattr(callbacks.BadSteps, "on_train_batch_end", interrupt)
-    try:
-        return invoke("train", *args)
-    finally:
-        monkeypatch.setattr(callbacks.BadSteps, "on_train_batch_end", original)
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +81,6 @@ def fine_tuned(fm_run, tmp_path_factory):
 
 
 # -------------------------------------------------------------------- flags --
-
-
-@pytest.fixture
-def parsed(monkeypatch):
-    """args -> the TrainSettings `rnode train ARGS` would train with (nothing is trained)."""
-    seen = []
-
-    def train(settings, note=None):
-        seen.append(settings)
-        raise runs.RunFailed("not trained")
-
-    monkeypatch.setattr(runs, "train", train)
-
-    def parse(args):
-        seen.clear()
-        result = invoke("train", *args)
-        assert seen, result.output
-        return seen[0]
-
-    return parse
 
 
 def test_the_objective_flags_reach_the_settings(parsed):
