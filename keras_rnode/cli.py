@@ -18,7 +18,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from keras_rnode import regularizers, runs, train_settings
+from keras_rnode import objectives, regularizers, runs, train_settings
 from keras_rnode.actions import ACTIONS
 from keras_rnode.datasets.registry import IMAGE_DATASETS, TOY_TEST_SIZE
 from keras_rnode.datasets.toys import TOY_NAMES
@@ -46,9 +46,8 @@ def _one_line(err):
 
 
 def friendly_errors(fn):
-    """Turn the errors bad input raises into click's one-line `Error: ...`: conflicting
-    options are usage errors (exit code 2), the rest exit with 1. Ctrl-C exits with 130 and
-    says how to go on (`runs.RunInterrupted`) or that nothing was written."""
+    """Bad input's errors as click's one-line `Error: ...`: conflicting options exit 2 (usage
+    errors), the rest 1; Ctrl-C exits 130 and says how to go on (`runs.RunInterrupted`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -202,6 +201,12 @@ def main():
          "Images: conv dynamics, t as an extra channel (concat) or gated by t (concatsquash)."
          "  [default: concat multiscale, concatsquash single]")
 @regularizer_options
+@setting("objective", click.Choice(train_settings.OBJECTIVE_CHOICES),
+         "likelihood: solve the flow, minimize nats or bits/dim + penalties; flow-matching: "
+         "regress it on straight paths to the noise, no solve (then fine-tune: --resume).")
+@setting("coupling", click.Choice(objectives.COUPLINGS), "Flow matching: each point with "
+         "its own noise, or the batch paired by minibatch optimal transport (straighter).")
+@setting("sigma", float, "Flow matching: standard deviation of the noise around the path.")
 @solver_options
 @setting("trace", click.Choice(("auto", *TRACES)),
          f"Divergence estimator in training; auto: exact for flat data of at most "
@@ -213,8 +218,7 @@ def main():
          f"{train_settings.DEFAULT_EPOCHS}, or as many as {train_settings.DEFAULT_MIN_STEPS} "
          "steps take; unless --steps]")
 @setting("steps", INT, "Train for exactly this many optimizer steps instead of epochs.")
-@setting("batch_size", INT,
-         "Training batch size (the global batch, split across devices or workers).")
+@setting("batch_size", INT, "Training batch size (the global batch, split over devices, workers).")
 @setting("eval_batch_size", INT, "Batch size of the held-out evaluation and the figure.")
 @setting("lr", float, "Adam learning rate.")
 @setting("warmup_steps", COUNT,
@@ -225,10 +229,9 @@ def main():
 @setting("n_test", INT, f"Held-out sample size.  [default: {TOY_TEST_SIZE} toy points, the "
          "whole image test split]")
 @setting("logit_alpha", float, "Images: alpha of the logit transform in front of the flow.")
-@setting("devices", INT,
-         "Data-parallel training on this many devices (TensorFlow: tf.distribute."
-         "MirroredStrategy; JAX: keras.distribution.DataParallel): GPUs, or the CPU split "
-         "into logical devices.")
+@setting("devices", INT, "Data-parallel training on this many devices (TensorFlow: "
+         "tf.distribute.MirroredStrategy; JAX: keras.distribution.DataParallel): GPUs, or "
+         "the CPU split into logical devices.")
 @setting("workers", is_flag=True,
          help="Train as one worker of the cluster the TF_CONFIG environment variable "
               "describes (tf.distribute.MultiWorkerMirroredStrategy): every worker runs the "
@@ -247,10 +250,10 @@ def main():
          "Save a resumable checkpoint in RUN_DIR/checkpoint every N steps (0: never); an "
          "interrupted run loses at most N steps.")
 @setting("resume", is_flag=True,
-         help="Continue the interrupted run in --out from its last checkpoint, with its "
-              "options (the result equals an uninterrupted run's), or finish one whose "
-              "training is done; a finished run is left as it is. Evaluation options "
-              "(--eval-*, --n-test) may be given anew.")
+         help="Continue the interrupted run in --out from its last checkpoint with its "
+              "options (as if uninterrupted), or finish one whose training is done; a "
+              "finished run is left as it is, but a flow-matching one given --objective "
+              "likelihood --steps N is fine-tuned N steps. New --eval-*, --n-test may be given.")
 @setting("on_nan", click.Choice(train_settings.ON_NAN),
          "A step with a NaN or inf loss or gradient is never applied; skip it and go on, or "
          "stop (the model keeps its last good weights).")
@@ -267,8 +270,9 @@ def train(**options):
 
     Minimizes nats (2-D and .npy data) or bits/dim (images) plus each
     penalty times its weight (lambda_K * kinetic + lambda_J * jacobian by
-    default), then evaluates the held-out split with the evaluation solver
-    and prints its quality and NFE.
+    default), or flow matching's regression, then evaluates the held-out
+    split with the evaluation solver and prints its quality, NFE and
+    kinetic energy.
 
     \b
     Examples:
@@ -277,6 +281,9 @@ def train(**options):
           --kinetic 0.05 --jacobian 0.05 --out runs/checker
       rnode train --dataset mnist --hidden 64,64,64 --blocks 2 --method rk4 \\
           --step-size 0.25 --batch-size 200 --out runs/mnist
+      rnode train --dataset 8gaussians --objective flow-matching --coupling ot \\
+          --steps 2000 --out runs/8g-fm
+      rnode train --resume --out runs/8g-fm --objective likelihood --steps 200
     """
     ctx = click.get_current_context()
     given = {name for name in options
@@ -287,10 +294,9 @@ def train(**options):
     from keras_rnode.evaluation import describe_result
 
     click.echo(describe_result(report.name, report.test))
-    if report.finished_before:
-        click.echo(f"run directory: {report.out} (finished before; nothing to resume)")
-    else:
-        click.echo(f"run directory: {report.out} (trained {report.train_seconds:.1f} s)")
+    done = ("finished before; nothing to resume" if report.finished_before
+            else f"trained {report.train_seconds:.1f} s")
+    click.echo(f"run directory: {report.out} ({done})")
 
 
 @main.command()
@@ -307,11 +313,13 @@ def train(**options):
               "more the standard error over them is reported beside the figure.  [default: "
               "the run's, 1]")
 @evaluation_solver_options
+@click.option("--kinetic/--no-kinetic", default=True, show_default=True, help="Also the "
+              "flow's kinetic energy: the mean per-sample integral, by the training solver.")
 @click.option("--json", "json_only", is_flag=True, help="Print only the JSON line.")
 @friendly_errors
-def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, json_only, **solver):
+def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, kinetic, json_only, **solver):
     """Held-out nll (nats) or bits/dim of a trained run, with its evaluation solver or
-    the trace, probes and solver given here.
+    the trace, probes and solver given here, and the flow's kinetic energy.
 
     Prints a line for a person (with the evaluation NFE), then one JSON
     line. Images: the uniformly dequantized bits/dim (the reported figure)
@@ -330,7 +338,7 @@ def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, json_only, **s
     from keras_rnode.evaluation import emit_result
 
     name, result = runs.evaluate_run(run_dir, dataset, n_test, batch_size, trace, probes,
-                                     **solver)
+                                     kinetic, **solver)
     emit_result(name, result, json_only, echo=click.echo)
 
 
@@ -344,9 +352,8 @@ def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, json_only, **s
 @click.option("--seed", type=COUNT, help="Seed of the base noise.")
 @click.option("--trajectories", is_flag=True,
               help="Instead of samples, the paths z(t) of n held-out points from the data "
-                   "(t = 0) to the noise (t = T), through the trained flow: a picture "
-                   "(FILE.png, 2-D runs) or the positions (FILE.npy, (blocks * steps + 1, n, "
-                   "*event_shape)).")
+                   "(t = 0) to the noise (t = T) through the trained flow: a picture (FILE.png, "
+                   "2-D runs) or the positions (FILE.npy, (blocks * steps + 1, n, *event_shape)).")
 @click.option("--steps", default=PATH_STEPS, show_default=True, type=INT,
               help="With --trajectories: the pieces of each block's [0, T] a path is drawn "
                    "through.")

@@ -1,4 +1,5 @@
-"""Held-out quality of a trained model: log p in batches, nll or bits/dim, and its report."""
+"""Held-out quality of a trained model: log p in batches, nll or bits/dim, the flow's kinetic
+energy, and its report."""
 
 import json
 import math
@@ -13,6 +14,7 @@ from keras_rnode.layers.transforms import bits_per_dim, check_levels
 from keras_rnode.solvers.solution import Status
 
 _EVAL_FNS = weakref.WeakKeyDictionary()
+_KINETIC_FNS = weakref.WeakKeyDictionary()
 
 
 def _eval_fn(model, midpoint):
@@ -86,7 +88,49 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
     return (log_p if per_probe else log_p.mean(axis=0)), float(np.mean(nfes)), status.label
 
 
-def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):
+def _kinetic_fn(model):
+    """One compiled function per (model, training solvers and traces): the kinetic energy of
+    each sample, (batch,), as `model.penalties` computes it (NaN where a solve failed)."""
+    fns = _KINETIC_FNS.setdefault(model, {})
+    key = tuple((b.trace, b.train_solver) for b in model.blocks)
+    if key not in fns:
+        def fn(x, context=None):
+            return model.penalties(x, context, names=("kinetic",))["kinetic"]
+
+        shapes = [(None, *model.event_shape)]
+        if model.conditional:
+            shapes.append((None, model.blocks[0].context_dim))
+        fns[key] = backend.inference_function(model, fn, shapes)
+    return fns[key]
+
+
+def kinetic_batches(model, x, batch_size=500, context=None):
+    """The flow's kinetic energy over x: (the mean over the rows of the per-sample kinetic
+    integral, the worst solve status).
+
+    The integral is `model.penalties(x, names=["kinetic"])`'s (0.5 * mean
+    over event dims of f^2, integrated over the flow and summed over the
+    blocks), computed with each block's training solver and trace, whatever
+    the model was trained with. The mean is None where a solve stopped short.
+    x is checked by `log_prob_batches`, which runs first.
+    """
+    from keras_rnode.models.rnode import SolveFailed
+
+    fn = _kinetic_fn(model)
+    total, status = 0.0, Status.SUCCESS
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, start + batch_size)
+        given = () if context is None else (np.asarray(context[rows], np.float32),)
+        try:
+            kinetic = fn(np.asarray(x[rows], np.float32), *given)
+        except SolveFailed:  # eager backends (PyTorch) raise; compiled ones give NaN
+            kinetic = np.nan
+        status = max(status, *(int(b.stats["status"].numpy()) for b in model.blocks))
+        total += float(np.sum(ops.convert_to_numpy(kinetic), dtype=np.float64))
+    return (total / len(x) if status == Status.SUCCESS else None), Status.name(status)
+
+
+def evaluate_model(model, x, batch_size=500, midpoint=True, context=None, kinetic=True):
     """Held-out quality of `model` on x with its evaluation solver, as a dict.
 
     Continuous data: "nll" (mean negative log-likelihood, nats). Images:
@@ -97,7 +141,11 @@ def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):
     "nll_se" (and "bpd_se"): the standard error of the figure over the
     probes. Always "n", "nfe" (mean forward function evaluations per batch,
     summed over blocks), "status", "trace", "solver" (the evaluation
-    solver, described) and "seconds".
+    solver, described) and "seconds". With kinetic=True (any objective),
+    "kinetic": the flow's kinetic energy, the mean per-sample kinetic
+    integral (`kinetic_batches`; None where a training solve stopped short,
+    its status then in "kinetic_status"), and "kinetic_seconds", the time it
+    took beside "seconds"; kinetic=False leaves it out.
     """
     start = time.perf_counter()
     per_probe, nfe, status = log_prob_batches(model, x, batch_size, context=context,
@@ -124,6 +172,12 @@ def evaluate_model(model, x, batch_size=500, midpoint=True, context=None):
     result.update(nfe=nfe, status=status, trace=trace if probes == 1 else f"{trace} x{probes}",
                   solver=block.eval_solver.describe(),
                   seconds=round(time.perf_counter() - start, 3))
+    if kinetic:
+        start = time.perf_counter()
+        result["kinetic"], kinetic_status = kinetic_batches(model, x, batch_size, context)
+        if kinetic_status != Status.name(Status.SUCCESS):
+            result["kinetic_status"] = kinetic_status
+        result["kinetic_seconds"] = round(time.perf_counter() - start, 3)
     return result
 
 
@@ -145,6 +199,10 @@ def describe_result(name, result):
             head += f" (the data's entropy, a floor: {result['entropy']:.4f})"
     line = (f"{head}; NFE {result['nfe']:.1f} ({result['solver']}, {result['trace']} trace); "
             f"{result['seconds']:.1f} s")
+    if "kinetic_seconds" in result:
+        energy = ("n/a, a training solve ended with status " + result["kinetic_status"]
+                  if result["kinetic"] is None else f"{result['kinetic']:.4g}")
+        line += f"; kinetic energy {energy} ({result['kinetic_seconds']:.1f} s)"
     if result["status"] != "success":
         line += f"; WARNING: solver status {result['status']}"
     return line

@@ -3,7 +3,8 @@
 A run directory, which `train` fills, holds
 
     model.keras    the trained model (keras.saving.load_model)
-    config.json    every option of the run, and what was derived from them
+    config.json    every option of the run as the data resolved it ("given": as it
+                   was given, where that differs), and what was derived from them
     metrics.json   final training metrics, held-out nll or bits/dim, NFE, times
     history.json   the per-epoch training metrics
     density.png    2-D data: the data beside the learned density
@@ -16,6 +17,40 @@ model.keras, so that a model always has what `rnode evaluate` and `rnode
 sample` need beside it. `rnode train --resume` continues a run from its
 checkpoint, finishes one whose training is done (it evaluates, draws the
 figure, writes the metrics), and leaves a finished one as it is.
+
+A run trains in one phase, or in two: flow matching, then a fine-tuning
+phase by likelihood (with the run's penalties) from the weights flow
+matching left. The states of a run directory, and what `rnode train
+--resume --out RUN` does in each:
+
+    finished      metrics.json written, no checkpoint/. Left as it is, unless
+                  its objective is flow matching and the command gives
+                  --objective likelihood with --steps N (or --epochs N):
+                  that starts the fine-tuning phase (`begin_phase`): its
+                  options, the records of the finished phase (phases.json)
+                  and the weights it ended with (start.npz) are written to
+                  a staging folder renamed to checkpoint/, so a stop at any
+                  moment leaves either the finished run or the started
+                  phase. It then trains as an interrupted run would.
+    interrupted   checkpoint/options.json present. Continued with its own
+                  options; the trouble and evaluation options may change.
+                  A flow-matching run given --objective likelihood --steps N
+                  first trains to its own end and evaluates, as a plain
+                  --resume would, then fine-tunes as above: the fine-tuned
+                  weights do not depend on where the first phase stopped.
+                  A fine-tuning phase with no step checkpoint yet starts
+                  again from start.npz; one with a checkpoint continues
+                  from it, with the same weights as an uninterrupted phase.
+
+The fine-tuning phase takes a fresh Adam (the --lr and --warmup-steps of
+the run): flow matching's moments are estimates of another loss's
+gradients, orders of magnitude apart from the likelihood's, and its step
+count would skip the warm-up. Its options are the run's but for
+PHASE_OPTIONS. When it ends, config.json holds its options and "phases"
+(each phase's objective and steps), history.json its own per-epoch
+metrics at the top level, as any run's, and "phases" (each phase's
+objective, steps and history), and metrics.json its result and "phases"
+(each earlier phase's objective, steps, train and test results).
 
 The settings of a run are `TrainSettings` (keras_rnode.train_settings),
 whose errors name the options as the command line does (--epochs).
@@ -40,8 +75,10 @@ from keras_rnode.train_settings import (
     DEFAULT_EPOCHS,
     DEFAULT_MIN_STEPS,
     EVALUATION_OPTIONS,
+    FLOW_MATCHING_OPTIONS,
     OptionConflict,
     TrainSettings,
+    check_objective_options,
     check_step_size,
     flag,
     named_as_flags,
@@ -60,10 +97,15 @@ DENSITY_FILE = "density.png"
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_DIR = "checkpoint"
 OPTIONS_FILE = "options.json"
+# In checkpoint/ of a fine-tuning phase: the finished phases' records, and its first weights.
+PHASES_FILE = "phases.json"
+START_WEIGHTS = "start.npz"
 SAVED_MODEL_DIR = "saved_model"
 # Options a resumed run may change: what to do on trouble, and how it shows.
 RESUME_MAY_CHANGE = ("resume", "out", "quiet", "overwrite", "checkpoint_every", "on_nan",
                      "on_max_steps", "nfe_limit", "on_nfe_limit")
+# Options a fine-tuning phase sets for itself: its objective and its length.
+PHASE_OPTIONS = ("objective", *FLOW_MATCHING_OPTIONS, "epochs", "steps")
 # `rnode sample`: the samples drawn unless told.
 SAMPLES = 64
 
@@ -96,21 +138,29 @@ def resumed_settings(options, given):
     takes them; `given`: the names among them given on the command line,
     which must otherwise agree with the run's. A finished run is its own
     (and `train` leaves it as it is); its evaluation is then fixed too.
+    A flow-matching run given --objective likelihood is fine-tuned (see
+    the module's docstring): its settings get the phase's PHASE_OPTIONS,
+    and new evaluation options may be given.
     """
     options = spelled_out(options, given)
     given = {"jit" if name == "no_jit" else name for name in given}
     out = options.get("out")
     if not out:
         raise OptionConflict("--resume needs --out RUN_DIR, the run to continue")
-    path = os.path.join(out, CHECKPOINT_DIR, OPTIONS_FILE)
-    if os.path.isfile(path):
-        saved, settable = TrainSettings.from_options(_read_json(path)), EVALUATION_OPTIONS
-    elif finished_report(out) is not None:
-        saved, settable = TrainSettings.from_options(load_config(out)), ()
-    else:
+    saved = run_settings(out)
+    if saved is None:
+        path = os.path.join(out, CHECKPOINT_DIR, OPTIONS_FILE)
         raise FileNotFoundError(f"nothing to resume: {path} does not exist")
+    settable = () if finished_report(out) is not None else EVALUATION_OPTIONS
+    objective = options["objective"] if "objective" in given else saved.objective
+    check_objective_options(objective, {name: options[name] for name in FLOW_MATCHING_OPTIONS
+                                        if name in given})
+    phase = {}
+    if fine_tunes(saved, objective):
+        phase = _fine_tuning_phase(out, options, given)
+        settable = EVALUATION_OPTIONS
     was = saved.command_line()
-    for key in sorted(given - set(RESUME_MAY_CHANGE) - set(settable)):
+    for key in sorted(given - set(RESUME_MAY_CHANGE) - set(settable) - set(phase)):
         value = list(options[key]) if isinstance(options[key], tuple) else options[key]
         if was.get(key) != value:
             raise OptionConflict(f"--resume continues the run with its own options; "
@@ -122,19 +172,92 @@ def resumed_settings(options, given):
         check_step_size({"step_size": eval_solver.step_size, **solver}, EVAL_PREFIX)
         with named_as_flags(EVAL_PREFIX):
             eval_solver = eval_solver.for_evaluation(**solver)
-    return dataclasses.replace(saved, eval_solver=eval_solver, **evaluation,
+    return dataclasses.replace(saved, eval_solver=eval_solver, **evaluation, **phase,
                                **{key: options[key] for key in RESUME_MAY_CHANGE})
+
+
+def run_settings(out):
+    """The TrainSettings of the run in `out` as it stands: an interrupted run's (or phase's)
+    options, a finished run's config; None where there is no run."""
+    path = os.path.join(out, CHECKPOINT_DIR, OPTIONS_FILE)
+    if os.path.isfile(path):
+        return TrainSettings.from_options(_read_json(path))
+    if finished_report(out) is not None:
+        config = load_config(out)
+        return TrainSettings.from_options({**config, **config.get("given", {})})
+    return None
+
+
+def fine_tunes(current, objective):
+    """Whether a run of `current` settings resumed with `objective` starts a fine-tuning
+    phase: a flow-matching run switched to the likelihood."""
+    from keras_rnode import objectives
+
+    return (current.objective == objectives.FlowMatching.name
+            and objective == objectives.Likelihood.name)
+
+
+def _fine_tuning_phase(out, options, given):
+    """The PHASE_OPTIONS of the likelihood phase the command line asks of the flow-matching
+    run in `out`; OptionConflict without its length."""
+    if not {"steps", "epochs"} & given:
+        raise OptionConflict(f"--objective likelihood fine-tunes the flow-matching run in {out} "
+                             "in a phase of its own: give its length, --steps N or --epochs N")
+    phase = dict(objective=options["objective"], coupling=TrainSettings.coupling,
+                 sigma=TrainSettings.sigma, steps=None, epochs=None)
+    return {**phase, **{key: options[key] for key in ("steps", "epochs") if key in given}}
+
+
+def with_phase(settings, other):
+    """`settings` with the PHASE_OPTIONS of `other`."""
+    return dataclasses.replace(settings, **{key: getattr(other, key) for key in PHASE_OPTIONS})
+
+
+def begin_phase(settings):
+    """Start the fine-tuning phase `settings` describe on the finished run in their out: its
+    checkpoint folder holds its options, the finished phase's record (PHASES_FILE) and the
+    weights it ended with (START_WEIGHTS), and appears at once (a renamed staging folder)."""
+    import numpy as np
+
+    out = settings.run_dir
+    config, history = load_config(out), _read_json(os.path.join(out, HISTORY_FILE), {})
+    metrics = _read_json(os.path.join(out, METRICS_FILE), {})
+    finished = TrainSettings.from_options(config)
+    record = {"objective": finished.training_objective.to_config(),
+              "steps": config.get("phases", [{}])[-1].get("steps"), "history": history,
+              "train": metrics.get("train", {}), "test": metrics.get("test")}
+    staging = os.path.join(out, ".partial." + CHECKPOINT_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    np.savez(os.path.join(staging, START_WEIGHTS), *load_model(out).get_weights())
+    write_json([record], os.path.join(staging, PHASES_FILE))
+    write_json(settings.to_options(), os.path.join(staging, OPTIONS_FILE))
+    os.replace(staging, os.path.join(out, CHECKPOINT_DIR))
+
+
+def _start_weights(model, checkpoint):
+    """Give a fine-tuning phase that has no step checkpoint yet the weights it starts from."""
+    import numpy as np
+
+    from keras_rnode.resumable import StepBackup
+
+    if StepBackup.resume_step(checkpoint) is None:
+        with np.load(os.path.join(checkpoint, START_WEIGHTS)) as saved:
+            model.set_weights([saved[f"arr_{i}"] for i in range(len(saved.files))])
 
 
 def resume_hint(out, total_steps=None):
     """What `rnode train --resume` does for the run in `out`, for a message."""
     from keras_rnode.resumable import StepBackup
 
-    step = StepBackup.resume_step(os.path.join(out, CHECKPOINT_DIR))
+    checkpoint = os.path.join(out, CHECKPOINT_DIR)
+    step = StepBackup.resume_step(checkpoint)
     resume = f"`rnode train --resume --out {out}`"
     if step is None:
-        return (f"no checkpoint was saved yet (--checkpoint-every); {resume} starts the run "
-                "again with its options")
+        again = ("the fine-tuning phase again from the weights it started with"
+                 if os.path.isfile(os.path.join(checkpoint, PHASES_FILE))
+                 else "the run again with its options")
+        return f"no checkpoint was saved yet (--checkpoint-every); {resume} starts {again}"
     if total_steps is not None and step >= total_steps:
         return (f"training is done (step {step}); {resume} evaluates the model and writes "
                 "the figure and metrics")
@@ -242,11 +365,12 @@ def write_figure(model, x_test, out, batch_size, seed):
 # -------------------------------------------------------------- evaluation --
 
 
-def held_out_quality(model, x, name, batch_size):
-    """`evaluate_model` on x, with a toy's entropy (the floor of its nll) beside it."""
+def held_out_quality(model, x, name, batch_size, kinetic=True):
+    """`evaluate_model` on x (with the flow's kinetic energy unless kinetic=False), with a
+    toy's entropy (the floor of its nll) beside it."""
     from keras_rnode.evaluation import evaluate_model
 
-    result = evaluate_model(model, x, batch_size)
+    result = evaluate_model(model, x, batch_size, kinetic=kinetic)
     if name in TOY_NAMES:
         result["entropy"] = toy_entropy(name)
     return result
@@ -294,10 +418,11 @@ def evaluation_data(config, dataset=None, n_test=None):
 
 
 def evaluate_run(run_dir, dataset=None, n_test=None, batch_size=None, trace=None, probes=None,
-                 **solver):
+                 kinetic=True, **solver):
     """`rnode evaluate`: (name, result) of the run's model on its test split, or on
     `dataset`, with its evaluation settings but for those given (see `choose_evaluation`;
-    a fixed-step method needs its step). Errors name the options as flags."""
+    a fixed-step method needs its step), and the flow's kinetic energy unless
+    kinetic=False. Errors name the options as flags."""
     check_step_size(solver)
     model = load_model(run_dir)
     with named_as_flags():
@@ -305,7 +430,7 @@ def evaluate_run(run_dir, dataset=None, n_test=None, batch_size=None, trace=None
     config = load_config(run_dir)
     x, name = evaluation_data(config, dataset, n_test)
     batch_size = batch_size or config.get("eval_batch_size", TrainSettings().eval_batch_size)
-    return name, held_out_quality(model, x, name, batch_size)
+    return name, held_out_quality(model, x, name, batch_size, kinetic)
 
 
 # ---------------------------------------------------- sampling and export --
@@ -382,10 +507,21 @@ def train(settings, note=print):
     scratch directory of their own that is removed at the end (on a resume
     they start from a copy of the chief's checkpoint, which --out must
     reach). A worker that dies fails the others' run with RunFailed.
+
+    Resumed settings whose objective is the likelihood, of a run whose
+    objective is flow matching, fine-tune it (the module's docstring).
     """
     from keras_rnode.backend.distribute import is_chief, lost_worker
 
-    if settings.resume and finished_report(settings.run_dir) is not None:
+    current = run_settings(settings.run_dir) if settings.resume else None
+    if current is not None and fine_tunes(current, settings.objective):
+        if settings.workers:
+            raise OptionConflict("a fine-tuning phase trains on one machine; a multi-worker "
+                                 "flow-matching run cannot be fine-tuned yet")
+        if finished_report(settings.run_dir) is None:  # flow matching first, to its end
+            _train(with_phase(settings, current), note)
+        begin_phase(settings)
+    elif settings.resume and finished_report(settings.run_dir) is not None:
         return finished_report(settings.run_dir)
     if not settings.workers:
         return _train(settings, note)
@@ -417,6 +553,7 @@ def _train(settings, note):
     """Everything is checked (options, data, model) before anything is written."""
     import keras
 
+    from keras_rnode import backend
     from keras_rnode.backend.distribute import supports_jit
     from keras_rnode.backend.graph_options import avoid_addn_rewrite_race
 
@@ -438,15 +575,31 @@ def _train(settings, note):
             note("note: XLA cannot compile one step across logical CPU devices; training in "
                  "graph mode (--no-jit)")
         run = dataclasses.replace(run, jit=False)
+    if run.jit and run.host_assignment and not backend.HOST_CALLS_COMPILE:
+        note(f"note: --coupling ot solves its assignment on the host, which XLA cannot "
+             f"compile on {backend.NAME}; training in graph mode (--no-jit)")
+        run = dataclasses.replace(run, jit=False)
     if levels and not run.jit:
         avoid_addn_rewrite_race()  # see there: a TensorFlow race in graph-mode image steps
+    checkpoint = os.path.join(out, CHECKPOINT_DIR)
+    # A fine-tuning phase's records; a run started afresh has none (its checkpoint goes).
+    earlier = _read_json(os.path.join(checkpoint, PHASES_FILE), []) if settings.resume else []
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = compiled_model(run, event_shape, levels)
-    config = {**run.to_options(), "levels": levels, "event_shape": list(event_shape),
-              "n_test": len(x_test), "objective": model.likelihood_metric,
-              "keras_rnode": __version__}
+        if earlier:
+            model.build((None, *event_shape))
+            _start_weights(model, checkpoint)
     total_steps = steps_per_epoch * epochs
+    phase = {"objective": run.training_objective.to_config(), "steps": total_steps}
+    resolved = run.to_options()
+    config = {**resolved, "levels": levels, "event_shape": list(event_shape),
+              # What the data or the machine decided: a resume decides again (--jit auto
+              # is graph mode for the OT coupling on TensorFlow, XLA for its fine-tuning).
+              "given": {k: v for k, v in settings.to_options().items() if v != resolved[k]},
+              "n_test": len(x_test), "metric": model.likelihood_metric,
+              "phases": [{k: r[k] for k in phase} for r in earlier] + [phase],
+              "keras_rnode": __version__}
 
     try:
         # The options as given, not as resolved: a resume resolves them again.
@@ -456,13 +609,18 @@ def _train(settings, note):
         train_seconds = time.perf_counter() - fit_start
         history = {k: [float(v) for v in vs] for k, vs in history.items()}
         if resumed == total_steps:  # trained before, interrupted after: its history stands
-            history = _read_json(os.path.join(out, HISTORY_FILE), {})
+            history = _phase_history(out, earlier)
         last = {k: vs[-1] for k, vs in history.items() if vs}
         write_json(config, os.path.join(out, CONFIG_FILE))
-        write_json(history, os.path.join(out, HISTORY_FILE))
+        write_json(history if not earlier else {**history, "phases": [
+            {"objective": r["objective"], "steps": r["steps"], "history": r["history"]}
+            for r in [*earlier, {**phase, "history": history}]]},
+            os.path.join(out, HISTORY_FILE))
         _save_model(model, out)
+        before = {"phases": [{k: r[k] for k in ("objective", "steps", "train", "test")}
+                             for r in earlier]} if earlier else {}
         if stop is not None:
-            write_json({"stopped": stop, "resumed_from_step": resumed, "train": last},
+            write_json({"stopped": stop, "resumed_from_step": resumed, "train": last, **before},
                        os.path.join(out, METRICS_FILE))
             raise RunFailed(f"training stopped: {stop}. {out}/{MODEL_FILE} holds the last good "
                             f"weights; {resume_hint(out)}")
@@ -474,12 +632,22 @@ def _train(settings, note):
             "train_seconds": round(train_seconds, 3),
             "resumed_from_step": resumed,
             "wall_seconds": round(time.perf_counter() - start, 3),
+            **before,
         }
         write_json(metrics, os.path.join(out, METRICS_FILE))
         shutil.rmtree(os.path.join(out, CHECKPOINT_DIR), ignore_errors=True)
     except KeyboardInterrupt:
         raise RunInterrupted(resume_hint(out, total_steps)) from None
     return RunReport(out, run.name, result, train_seconds)
+
+
+def _phase_history(out, earlier):
+    """The history this phase wrote before it was interrupted; {} where it wrote none (a
+    fine-tuning phase's history.json is the finished phase's until it has its "phases")."""
+    history = _read_json(os.path.join(out, HISTORY_FILE), {})
+    if earlier and "phases" not in history:
+        return {}
+    return {k: v for k, v in history.items() if k != "phases"}
 
 
 def _held_out(model, x_test, run):
@@ -526,7 +694,8 @@ def _model(settings, event_shape, levels):
         logit_alpha=settings.logit_alpha, seed=settings.seed, solver=settings.solver,
         eval_solver=settings.eval_solver, trace=settings.trace,
         eval_trace=settings.eval_trace, noise=settings.noise,
-        architecture=settings.architecture, layer_type=settings.layer_type)
+        architecture=settings.architecture, layer_type=settings.layer_type,
+        objective=settings.training_objective)
 
 
 def _optimizer(model, settings):
@@ -540,7 +709,8 @@ def _optimizer(model, settings):
     lr = settings.lr
     if settings.warmup_steps:
         lr = LinearWarmup(lr, settings.warmup_steps)
-    guard = model.solves_succeeded if settings.on_max_steps != "warn" else None
+    guard = (model.solves_succeeded if settings.on_max_steps != "warn"
+             and settings.solves_in_training else None)
     return SkipBadSteps(keras.optimizers.Adam(lr), guard=guard)
 
 
@@ -586,9 +756,12 @@ def _fit(model, x_train, settings, steps_per_epoch, epochs):
         return make_dataset(x_train, settings.batch_size, seed=settings.seed, repeat=True,
                             start=start)
 
-    watches = [callbacks.BadSteps(settings.on_nan),
-               callbacks.SolverFailures(settings.on_max_steps)]
-    if settings.nfe_limit:
+    watches = [callbacks.BadSteps(settings.on_nan)]
+    # Flow matching solves nothing in training: no solve to watch (a fine-tuning phase
+    # by likelihood watches with the run's options).
+    if settings.solves_in_training:
+        watches.append(callbacks.SolverFailures(settings.on_max_steps))
+    if settings.nfe_limit and settings.solves_in_training:
         watches.append(callbacks.NFEWatch(settings.nfe_limit,
                                           stop=settings.on_nfe_limit == "stop"))
     # Keras's bar on a terminal; a plain line every few steps in a log file.

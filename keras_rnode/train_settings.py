@@ -20,7 +20,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from keras_rnode import checks, regularizers
+from keras_rnode import checks, objectives, regularizers
 from keras_rnode.actions import ACTIONS
 from keras_rnode.datasets.registry import TOY_TRAIN_SIZE, check_dataset, dataset_name
 from keras_rnode.layers.divergence import PROBES, TRACES, default_trace
@@ -53,6 +53,13 @@ EVALUATION_OPTIONS = ("n_test", "eval_trace", "eval_batch_size",
 # Penalty weights written as flat options before they went by name (options.json,
 # config.json of older runs).
 LEGACY_REGULARIZERS = ("kinetic", "jacobian")
+# --objective's spellings; TrainSettings.objective holds the library's names.
+OBJECTIVE_CHOICES = tuple(name.replace("_", "-") for name in objectives.OBJECTIVES)
+# The options of flow matching alone: given with the likelihood objective, they would
+# do nothing.
+FLOW_MATCHING_OPTIONS = ("coupling", "sigma")
+# Where config.json of older runs held the likelihood's metric under "objective".
+LEGACY_OBJECTIVES = ("nll", "bpd")
 
 
 class OptionConflict(ValueError):
@@ -122,6 +129,9 @@ class TrainSettings:
     `epochs=steps=None` is DEFAULT_EPOCHS, or as many as DEFAULT_MIN_STEPS
     steps take; `eval_trace=None` is as `trace`; `n_test=None` is the whole
     test split (TOY_TEST_SIZE toy points); `out=None` is runs/DATASET (`run_dir`).
+    `objective` is "likelihood" or "flow_matching" ("flow-matching" is read
+    as that), with flow matching's `coupling` and `sigma`
+    (`training_objective`).
     Raises ValueError naming the option for a bad value, OptionConflict
     for options that cannot go together.
     """
@@ -133,6 +143,9 @@ class TrainSettings:
     layer_type: str | None = None
     regularizers: dict = dataclasses.field(
         default_factory=lambda: {"kinetic": 0.01, "jacobian": 0.01})
+    objective: str = objectives.Likelihood.name
+    coupling: str = "independent"
+    sigma: float = 0.0
     solver: SolverSettings = _SOLVER
     eval_solver: SolverSettings = _EVAL_SOLVER
     trace: str = "auto"
@@ -173,6 +186,9 @@ class TrainSettings:
                                  f"--devices {self.devices}: each device takes an equal share")
         if self.noise == "rademacher" and "exact" in (self.trace, self.eval_trace):
             raise OptionConflict("--noise rademacher needs --trace hutchinson")
+        check_objective_options(self.objective, {
+            name: getattr(self, name) for name in FLOW_MATCHING_OPTIONS
+            if getattr(self, name) != getattr(TrainSettings, name)})
 
     def _check_values(self):
         """Each value checked, and stored (frozen) in its plain Python form."""
@@ -197,6 +213,11 @@ class TrainSettings:
         for name, allowed in choices.items():
             checks.one_of(getattr(self, name), flag(name), allowed)
         _optional(checks.one_of, self.eval_trace, "--eval-trace", TRACES)
+        if self.objective not in (*objectives.OBJECTIVES, *OBJECTIVE_CHOICES):
+            checks.one_of(self.objective, "--objective", OBJECTIVE_CHOICES)  # its error
+        self._store("objective", self.objective.replace("-", "_"))
+        checks.one_of(self.coupling, "--coupling", objectives.COUPLINGS)
+        self._store("sigma", checks.non_negative(self.sigma, "--sigma"))
         _optional(checks.one_of, self.layer_type, "--layer-type", sorted(CONV_DYNAMICS))
         for name in ("solver", "eval_solver"):
             if not isinstance(getattr(self, name), SolverSettings):
@@ -217,6 +238,24 @@ class TrainSettings:
     def run_dir(self):
         return self.out or os.path.join("runs", os.path.splitext(self.name)[0])
 
+    @property
+    def training_objective(self):
+        """The objective training minimizes, as `keras_rnode.objectives` has it."""
+        if self.objective == objectives.FlowMatching.name:
+            return objectives.FlowMatching(coupling=self.coupling, sigma=self.sigma)
+        return objectives.get(self.objective)
+
+    @property
+    def solves_in_training(self):
+        """True where a training step solves the flow (the likelihood; flow matching
+        regresses on a path with no solve): only then are its solves watched."""
+        return self.objective == objectives.Likelihood.name
+
+    @property
+    def host_assignment(self):
+        """True where a training step calls the host: the OT coupling's assignment."""
+        return self.objective == objectives.FlowMatching.name and self.coupling == "ot"
+
     def resolved(self, event_shape):
         """These settings with what the data decides: the architecture, trace and jit for
         "auto", default widths."""
@@ -225,9 +264,15 @@ class TrainSettings:
         if architecture == "dense" and self.layer_type:
             raise OptionConflict("--layer-type names conv dynamics; --architecture dense has "
                                  "dense ones")
+        if architecture == "multiscale" and self.objective != objectives.Likelihood.name:
+            raise OptionConflict(
+                "--objective flow-matching regresses one velocity field from the data to the "
+                "noise; the multiscale model squeezes and factors out channels between its "
+                "blocks, so no such path runs through it: give --architecture single or "
+                "dense, or train by --objective likelihood")
         trace = default_trace(event_shape) if self.trace == "auto" else self.trace
         conv = len(event_shape) == 3 and architecture != "dense"
-        jit = _jit_by_default(conv) if self.jit == "auto" else self.jit
+        jit = _jit_by_default(conv, self.host_assignment) if self.jit == "auto" else self.jit
         return dataclasses.replace(self, architecture=architecture, trace=trace,
                                    eval_trace=self.eval_trace or trace, jit=jit,
                                    hidden=self.hidden or default_hidden(architecture,
@@ -259,6 +304,8 @@ class TrainSettings:
         legacy = {k: options.pop(k) for k in LEGACY_REGULARIZERS if k in options}
         if "regularizers" not in options and legacy:
             options["regularizers"] = legacy
+        if options.get("objective") in LEGACY_OBJECTIVES:  # a metric, of a likelihood run
+            options.pop("objective")
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(solver=solver, eval_solver=eval_solver,
                    **{k: v for k, v in options.items() if k in names})
@@ -269,8 +316,11 @@ class TrainSettings:
         but the solvers' (method, eval_rtol, ...) and the penalty weights (kinetic, ...),
         each an option of its own, and `jit` spelled "auto", "on" or "off", with the flag
         `no_jit`. `given`: the names given on the command line (--jit with --no-jit is a
-        conflict)."""
+        conflict, as are --coupling or --sigma with --objective likelihood)."""
         options = spelled_out(options, given)
+        check_objective_options(options.get("objective", cls.objective),
+                                {name: options[name] for name in FLOW_MATCHING_OPTIONS
+                                 if name in given})
         weights = {name: checks.non_negative(options.pop(name), flag(name))
                    for name in regularizers.BUILTINS if name in options}
         train = {name: options.pop(name) for name in FIELDS if name in options}
@@ -284,9 +334,21 @@ class TrainSettings:
         return cls(solver=solver, eval_solver=eval_solver, regularizers=weights, **options)
 
 
+def check_objective_options(objective, given):
+    """OptionConflict for flow matching's options (`given`: {name: value}) with the
+    likelihood objective, where they would do nothing."""
+    if objective == objectives.Likelihood.name and given:
+        shown = " and ".join(f"{flag(name)} {value}" for name, value in given.items())
+        raise OptionConflict(f"{shown} only mean{'s' * (len(given) == 1)} something with "
+                             "--objective flow-matching")
+
+
 def spelled_out(options, given=()):
-    """The command line's options with --jit's spelling (and --no-jit) as `jit` takes it."""
+    """The command line's options with --jit's spelling (and --no-jit) as `jit` takes it,
+    and --objective's as `objective` does."""
     options = dict(options)
+    if isinstance(options.get("objective"), str):
+        options["objective"] = options["objective"].replace("-", "_")
     if options.pop("no_jit", False):
         if "jit" in given:
             raise OptionConflict("give --jit or --no-jit, not both")
@@ -296,7 +358,9 @@ def spelled_out(options, given=()):
     return options
 
 
-def _jit_by_default(conv):
+def _jit_by_default(conv, host_call=False):
+    """`backend.jit_by_default`, but never XLA for a step that calls the host where XLA
+    cannot compile that (TensorFlow's numpy_function)."""
     from keras_rnode import backend  # loads keras: not at the command line's start
 
-    return backend.jit_by_default(conv)
+    return backend.jit_by_default(conv) and (backend.HOST_CALLS_COMPILE or not host_call)

@@ -66,8 +66,9 @@ def test_step_backup_is_still_importable_from_callbacks():
 
 
 def train_interrupted(monkeypatch, step, *args):
-    """`rnode train ARGS` with Ctrl-C pressed after `step` training steps."""
-    original = callbacks.SolverFailures.on_train_batch_end
+    """`rnode train ARGS` with Ctrl-C pressed after `step` training steps (BadSteps watches
+    every step of either objective: flow matching has no solver watch)."""
+    original = callbacks.BadSteps.on_train_batch_end
     seen = []
 
     def interrupt(self, batch, logs=None):
@@ -76,11 +77,11 @@ def train_interrupted(monkeypatch, step, *args):
             raise KeyboardInterrupt
         return original(self, batch, logs)
 
-    monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", interrupt)
+    monkeypatch.setattr(callbacks.BadSteps, "on_train_batch_end", interrupt)
     try:
         return invoke("train", *args)
     finally:
-        monkeypatch.setattr(callbacks.SolverFailures, "on_train_batch_end", original)
+        monkeypatch.setattr(callbacks.BadSteps, "on_train_batch_end", original)
 
 
 def test_cli_run_interrupted_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch):

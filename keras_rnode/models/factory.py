@@ -36,10 +36,11 @@ def default_hidden(architecture, event_shape):
 
 def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alpha, seed,
                 solver, eval_solver, trace, eval_trace=None, noise="gaussian",
-                architecture="single", layer_type=None):
+                architecture="single", layer_type=None, objective="likelihood"):
     """An RNODE of `blocks` CNF blocks: MLP dynamics for flat data, conv dynamics for images.
 
-    `regularizers`: the penalty weights, {name: weight} (`RNODE`).
+    `regularizers`: the penalty weights, {name: weight} (`RNODE`); `objective`
+    the training objective, as `RNODE` takes it (`keras_rnode.objectives`).
     `solver` and `eval_solver` (SolverSettings) integrate every block in
     training and in evaluation. `levels` (grey levels) marks image data,
     which is dequantized and logit-transformed in front of the flow.
@@ -71,9 +72,12 @@ def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alph
         if len(event_shape) != 3:
             raise ValueError(f"the multiscale architecture needs images, got data of event "
                              f"shape {event_shape}")
-        return multiscale_rnode(event_shape, channels=hidden, blocks_per_scale=blocks,
-                                dynamics=layer_type or "concat", **rnode_options,
-                                **cnf_options)
+        model = multiscale_rnode(event_shape, channels=hidden, blocks_per_scale=blocks,
+                                 dynamics=layer_type or "concat", **rnode_options,
+                                 **cnf_options)
+        # multiscale_rnode takes no objective; the model says why it refuses one.
+        model.objective = objective
+        return model
     if len(event_shape) == 3 and architecture == "dense":
         def dynamics():
             return Flattened(ConcatSquashMLP(hidden=hidden))
@@ -87,4 +91,4 @@ def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alph
         raise ValueError(f"data of event shape {event_shape} is neither flat vectors nor "
                          "(height, width, channels) images")
     cnfs = [CNF(dynamics(), seed=seed + i, **cnf_options) for i in range(blocks)]
-    return RNODE(cnfs, **rnode_options)
+    return RNODE(cnfs, objective=objective, **rnode_options)
