@@ -268,11 +268,9 @@ def main():
 def train(**options):
     """Train an RNODE model and write a run directory.
 
-    Minimizes nats (2-D and .npy data) or bits/dim (images) plus each
-    penalty times its weight (lambda_K * kinetic + lambda_J * jacobian by
-    default), or flow matching's regression, then evaluates the held-out
-    split with the evaluation solver and prints its quality, NFE and
-    kinetic energy.
+    Minimizes nats (2-D and .npy data) or bits/dim (images) plus each penalty times
+    its weight, or flow matching's regression; then evaluates the held-out split
+    with the evaluation solver: its quality, NFE and kinetic energy.
 
     \b
     Examples:
@@ -321,18 +319,15 @@ def evaluate(run_dir, dataset, n_test, batch_size, trace, probes, kinetic, json_
     """Held-out nll (nats) or bits/dim of a trained run, with its evaluation solver or
     the trace, probes and solver given here, and the flow's kinetic energy.
 
-    Prints a line for a person (with the evaluation NFE), then one JSON
-    line. Images: the uniformly dequantized bits/dim (the reported figure)
-    and, labelled, the clean (midpoint) figure. Toy data: the test split is
-    drawn with seed + 1, a different sample from training.
+    Prints a line for a person (with the evaluation NFE), then one JSON line. Images:
+    the uniformly dequantized bits/dim (the reported figure) and, labelled, the clean
+    (midpoint) figure. Toy data: the test split is drawn with seed + 1.
 
     \b
     Examples:
       rnode evaluate runs/8g
-      rnode evaluate runs/digits --json
       rnode evaluate runs/digits --trace hutchinson --probes 8 --rtol 1e-6 --atol 1e-6
       rnode evaluate runs/mnist --trace exact --method rk4 --step-size 0.05
-      rnode evaluate runs/mine --dataset heldout.npy
     """
     load_keras()
     from keras_rnode.evaluation import emit_result
@@ -368,7 +363,6 @@ def sample(run_dir, n, out, seed, trajectories, steps):
     Examples:
       rnode sample runs/8g -n 5000 --out runs/8g-samples.png
       rnode sample runs/digits -n 64 --out runs/digits-samples.png --seed 1
-      rnode sample runs/8g -n 100 --out runs/8g-samples.npy
       rnode sample runs/8g -n 500 --trajectories --out runs/8g-paths.png
     """
     load_keras()
