@@ -44,7 +44,8 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
     instead of uniform noise (the "clean" figure). A conditional model needs the
     context of every row (n, C). A solve that stops short of T (max_steps,
     step underflow) or ends on NaN or inf raises a ValueError naming the
-    batch, unless strict=False: then the worst status is returned.
+    batch, unless strict=False: then the worst status is returned. No rows give an
+    empty log_p, NFE 0 and "success".
     """
     batch_size = checks.integer(batch_size, "batch size")
     if not model.built:
@@ -66,6 +67,8 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
         if context.shape != (len(x), model.blocks[0].context_dim):
             raise ValueError(f"the context must be ({len(x)}, "
                              f"{model.blocks[0].context_dim}), got {context.shape}")
+    if not len(x):  # by design an empty result: nothing solved, nothing failed
+        return np.zeros((1, 0) if per_probe else (0,), np.float32), 0.0, Status.SUCCESS.label
     fn = _eval_fn(model, bool(midpoint))
     out, nfes, status = [], [], Status.SUCCESS
     for start in range(0, len(x), batch_size):
@@ -127,7 +130,7 @@ def kinetic_batches(model, x, batch_size=500, context=None):
             kinetic = np.nan
         status = max(status, *(int(b.stats["status"].numpy()) for b in model.blocks))
         total += float(np.sum(ops.convert_to_numpy(kinetic), dtype=np.float64))
-    return (total / len(x) if status == Status.SUCCESS else None), Status.name(status)
+    return (total / len(x) if status == Status.SUCCESS else None), Status(status).label
 
 
 def evaluate_model(model, x, batch_size=500, midpoint=True, context=None, kinetic=True):
@@ -145,8 +148,12 @@ def evaluate_model(model, x, batch_size=500, midpoint=True, context=None, kineti
     "kinetic": the flow's kinetic energy, the mean per-sample kinetic
     integral (`kinetic_batches`; None where a training solve stopped short,
     its status then in "kinetic_status"), and "kinetic_seconds", the time it
-    took beside "seconds"; kinetic=False leaves it out.
+    took beside "seconds"; kinetic=False leaves it out. ValueError for data
+    without rows: there is no mean to report.
     """
+    if not len(x):
+        raise ValueError("there is nothing to evaluate: the data has no rows (the mean "
+                         "log-likelihood of no points is undefined)")
     start = time.perf_counter()
     per_probe, nfe, status = log_prob_batches(model, x, batch_size, context=context,
                                               per_probe=True)
@@ -175,7 +182,7 @@ def evaluate_model(model, x, batch_size=500, midpoint=True, context=None, kineti
     if kinetic:
         start = time.perf_counter()
         result["kinetic"], kinetic_status = kinetic_batches(model, x, batch_size, context)
-        if kinetic_status != Status.name(Status.SUCCESS):
+        if kinetic_status != Status.SUCCESS.label:
             result["kinetic_status"] = kinetic_status
         result["kinetic_seconds"] = round(time.perf_counter() - start, 3)
     return result

@@ -152,3 +152,15 @@ def test_a_training_step_on_an_empty_batch_changes_nothing_and_fails_nothing(obj
     logs = model.train_on_batch(kr.datasets.toy("8gaussians", 16, seed=0), return_dict=True)
     assert float(logs["loss"]) > 0
     assert not all(np.array_equal(np_(w), b) for w, b in zip(model.trainable_weights, before))
+
+
+def test_evaluating_no_rows_is_an_empty_result_or_a_clear_error():
+    from keras_rnode.evaluation import evaluate_model, log_prob_batches
+
+    cnf = kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(8,)), trace="exact")
+    model = kr.RNODE([cnf])
+    model.build((None, 2))
+    log_p, nfe, status = log_prob_batches(model, np.zeros((0, 2), "float32"))
+    assert log_p.shape == (0,) and (nfe, status) == (0.0, "success")
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate_model(model, np.zeros((0, 2), "float32"), 500)
