@@ -80,11 +80,12 @@ The environment (torchcfm and POT stay out of the project's own):
         tf-keras==2.21.0 scipy click scikit-learn matplotlib "jax[cpu]==0.10.2"
     pip install torchcfm==1.0.7 --no-deps # its package imports only torch, numpy and POT:
     pip install pot                       # torchdyn, torchdiffeq, pandas, absl: not needed
-    PYTHONPATH=. python benchmarks/flow_matching.py
+    PYTHONPATH=. python benchmarks/flow_matching.py    # about 45 min on 2 quiet cores
 
-Without torchcfm the script runs the rest and says so. `--quick` is a
-smoke run of about a minute (8gaussians, a few steps of each method, into
-a temporary folder).
+(That venv also ran `bash benchmarks/gpu.sh --cpu --quick`, with `pip install
+diffrax torchdiffeq` added.) Without torchcfm the script runs the rest and
+says so. `--quick` is a smoke run of a minute or two (8gaussians, a few
+steps of each method, graph mode, into a temporary folder).
 """
 
 import dataclasses
@@ -100,6 +101,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# POT (torchcfm's OT) would otherwise start JAX and TensorFlow backends of its own in
+# this process, beside the ones being timed; torchcfm hands it NumPy arrays.
+os.environ.setdefault("POT_BACKEND_DISABLE_JAX", "1")
+os.environ.setdefault("POT_BACKEND_DISABLE_TENSORFLOW", "1")
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
@@ -833,6 +838,7 @@ def plot(all_runs, summaries, path, clock):
         row[1].set_yscale("log")
         for ax in row:
             ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
