@@ -13,8 +13,9 @@
 # 3. Writes one table, gpu.md and gpu.jsonl, to $OUT (benchmarks/results when OUT
 #    is unset): the 2-D step (ours on JAX, diffrax, the PyTorch reference) at
 #    batch 512 and a large batch; the MNIST recipe's step on JAX and on the
-#    PyTorch backend with peak GPU memory and the projected MNIST run; with the
-#    time left, RNODE against unregularized on the digits.
+#    PyTorch backend with peak GPU memory and the projected MNIST run, and a
+#    single-scale MNIST step by likelihood and by flow matching; with the time
+#    left, RNODE against unregularized on the digits.
 #
 # --cpu: JAX on the CPU; --quick: tiny sizes (with --cpu a smoke test of about
 # two minutes). --budget-s (default 420) bounds the benchmark itself.
@@ -22,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 

@@ -3,12 +3,14 @@
 Two worker processes, one per Keras backend (Keras picks its backend at
 import): the JAX worker checks that JAX sees the GPU and that XLA compiles
 the training step there, times the MNIST-recipe step, the 2-D step (ours
-and the same CNF in diffrax) and, with the time left, RNODE against an
-unregularized CNF on the digits; the PyTorch worker times the MNIST-recipe
-step on the PyTorch backend and the PyTorch + torchdiffeq reference of
-benchmarks/reference_torch.py (issue 17) on the 2-D step. Each worker
-prints one JSON object per result; this process collects them and writes
-one table, gpu.md (markdown) and gpu.jsonl (the same rows), to --out.
+and the same CNF in diffrax), a single-scale MNIST model's step by
+likelihood and by flow matching (issue 25) and, with the time left, RNODE
+against an unregularized CNF on the digits; the PyTorch worker times the
+MNIST-recipe step on the PyTorch backend, the PyTorch + torchdiffeq
+reference of benchmarks/reference_torch.py (issue 17) on the 2-D step, and
+the single-scale model's steps. Each worker prints one JSON object per
+result; this process collects them and writes one table, gpu.md (markdown)
+and gpu.jsonl (the same rows), to --out.
 
     python benchmarks/gpu_bench.py --out DIR [--cpu] [--quick] [--budget-s S]
 
@@ -111,13 +113,7 @@ def jax_worker(quick, deadline):
          ok=bool(np.isfinite(logs["loss"])) and placed == {device.platform})
 
     # 2. The MNIST recipe's step: its peak memory is read before the toy runs.
-    if left(deadline) > (20 if quick else 60):
-        try:
-            emit(**mnist_step(size, "jax", deadline))
-        except Exception as err:  # noqa: BLE001 - reported in the table
-            emit(kind="failed", part="mnist step, jax", error=one_line(err))
-    else:
-        emit(kind="skipped", part="mnist step, jax", why="budget")
+    mnist_steps(size, "jax", quick, deadline, MNIST_VARIANTS[:1])
 
     # 3. The 2-D step: ours, then the same CNF in diffrax, at each batch.
     for batch in size["toy_batches"]:
@@ -145,7 +141,10 @@ def jax_worker(quick, deadline):
         except Exception as err:  # noqa: BLE001 - reported in the table
             emit(kind="failed", part=f"diffrax, batch {batch}", error=one_line(err))
 
-    # 4. With the time left: RNODE against unregularized on the digits.
+    # 4. Flow matching against likelihood on a single-scale MNIST model.
+    mnist_steps(size, "jax", quick, deadline, MNIST_VARIANTS[1:])
+
+    # 5. With the time left: RNODE against unregularized on the digits.
     try:
         digits_race(size, deadline)
     except ImportError as err:
@@ -154,33 +153,68 @@ def jax_worker(quick, deadline):
         emit(kind="failed", part="digits", error=one_line(err))
 
 
-def mnist_step(size, backend, deadline):
-    """The MNIST recipe's training step (benchmarks/mnist_step.py's model) on synthetic
-    uint8 images: ms per step and the device's peak memory."""
+# The MNIST step's variants: the recipe, and beside it a single-scale chain of as many
+# full-resolution blocks as the recipe has per scale, trained by likelihood and by flow
+# matching (a multiscale model squeezes between blocks: no one path for flow matching).
+MNIST_VARIANTS = (("multiscale", "likelihood"), ("single-scale", "likelihood"),
+                  ("single-scale", "flow_matching"), ("single-scale", "flow_matching_ot"))
+
+
+def mnist_steps(size, backend, quick, deadline, variants):
+    """Emit one row per (model, objective) of `variants`, as long as the budget lasts."""
+    for model, objective in variants:
+        part = f"mnist step, {model} {objective}, {backend}"
+        if left(deadline) < (20 if quick else 60):
+            emit(kind="skipped", part=part, why="budget")
+            continue
+        try:
+            # JAX cannot reset its peak memory: only the recipe's row, its first, has its own.
+            peak = backend == "torch" or (model, objective) == MNIST_VARIANTS[0]
+            emit(**mnist_step(size, backend, model, objective, peak=peak))
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            emit(kind="failed", part=part, error=one_line(err))
+
+
+def mnist_step(size, backend, model_kind="multiscale", objective="likelihood", peak=True):
+    """An MNIST training step on synthetic uint8 images: the recipe's (benchmarks/
+    mnist_step.py's model) or a single-scale chain, by likelihood or by flow matching
+    (`objective`: "flow_matching_ot" is the OT coupling); ms per step and peak memory."""
     import keras
     import numpy as np
 
     import keras_rnode as kr
+    from keras_rnode import objectives
     from keras_rnode.models.schedules import LinearWarmup
 
     batch, shape = size["mnist_batch"], size["mnist_shape"]
     x = np.random.default_rng(0).integers(0, 256, (batch, *shape), dtype=np.uint8)
     keras.utils.set_random_seed(0)
-    model = kr.multiscale_rnode(
-        shape, channels=size["mnist_channels"], blocks_per_scale=size["mnist_blocks"],
-        n_scales=size["mnist_scales"], dynamics="concat",
-        levels=256, logit_alpha=1e-6, kinetic=0.01, jacobian=0.01, seed=0,
-        trace="hutchinson", method="rk4", step_size=0.25, gradient="direct")
+    cnf_options = dict(trace="hutchinson", method="rk4", step_size=0.25, gradient="direct")
+    if model_kind == "multiscale":
+        model = kr.multiscale_rnode(
+            shape, channels=size["mnist_channels"], blocks_per_scale=size["mnist_blocks"],
+            n_scales=size["mnist_scales"], dynamics="concat",
+            levels=256, logit_alpha=1e-6, kinetic=0.01, jacobian=0.01, seed=0, **cnf_options)
+    else:
+        fm = {"likelihood": "likelihood", "flow_matching": objectives.FlowMatching(),
+              "flow_matching_ot": objectives.FlowMatching(coupling="ot")}[objective]
+        blocks = [kr.layers.CNF(kr.layers.ConcatConvNet(channels=size["mnist_channels"]),
+                                seed=i, **cnf_options) for i in range(size["mnist_blocks"])]
+        model = kr.RNODE(blocks, levels=256, logit_alpha=1e-6, kinetic=0.01, jacobian=0.01,
+                         seed=0, objective=fm)
+        model.build((None, *shape))
     jit = backend == "jax"  # PyTorch's jit_compile is torch.compile: not ours
     model.compile(optimizer=keras.optimizers.Adam(LinearWarmup(1e-3, 1000)), jit_compile=jit)
     reset_peak_memory(backend)
     repeats = max(1, size["repeats"] // 2)
     first, ms, logs = timed(lambda: model.train_on_batch(x, return_dict=True), repeats)
     per_epoch = MNIST_TRAIN / size["mnist_batch"]
-    return dict(kind="mnist", backend=backend, jit=jit, batch=batch, shape=list(shape),
-                blocks=len(model.blocks), params=model.count_params(), first_s=round(first, 2),
-                ms=round(ms, 1), nfe=float(logs["nfe"]), peak_mb=peak_memory_mb(backend),
-                projected_h=round(ms * per_epoch * MNIST_EPOCHS / 3.6e6, 2),
+    recipe = model_kind == "multiscale"
+    return dict(kind="mnist", backend=backend, jit=jit, model=model_kind, objective=objective,
+                batch=batch, shape=list(shape), blocks=len(model.blocks),
+                params=model.count_params(), first_s=round(first, 2), ms=round(ms, 1),
+                nfe=float(logs.get("nfe", 0.0)), peak_mb=peak_memory_mb(backend) if peak else None,
+                projected_h=round(ms * per_epoch * MNIST_EPOCHS / 3.6e6, 2) if recipe else None,
                 full_size=shape == (28, 28, 1) and batch == 200)
 
 
@@ -277,20 +311,20 @@ def torch_worker(quick, deadline):
     emit(kind="device", backend="torch", platform="gpu" if cuda else "cpu",
          device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__,
          keras=keras.__version__)
-    if left(deadline) > (20 if quick else 60):
-        try:
-            emit(**mnist_step(size, "torch", deadline))
-        except Exception as err:  # noqa: BLE001 - reported in the table
-            emit(kind="failed", part="mnist step, torch", error=one_line(err))
-    else:
-        emit(kind="skipped", part="mnist step, torch", why="budget")
-
+    mnist_steps(size, "torch", quick, deadline, MNIST_VARIANTS[:1])
     sys.path.insert(0, str(HERE))
     try:
-        from reference_torch import Reference
+        torch_reference(size, cuda, quick, deadline)
     except ImportError as err:
         emit(kind="skipped", part="PyTorch reference", why=one_line(err))
-        return
+    mnist_steps(size, "torch", quick, deadline, MNIST_VARIANTS[1:])
+
+
+def torch_reference(size, cuda, quick, deadline):
+    """benchmarks/reference_torch.py's 2-D step at each batch."""
+    import torch
+    from reference_torch import Reference
+
     import keras_rnode as kr
 
     for batch in size["toy_batches"]:
@@ -404,24 +438,30 @@ def table(rows, notes, args, started):
                      f"| {fmt(r['first_s'], 2)} | {fmt(r['loss'], 4)} |")
     lines += [
         "",
-        "### 2. The MNIST recipe's training step",
+        "### 2. The MNIST recipe's training step, and flow matching beside it",
         "",
-        "kr.multiscale_rnode (3 scales for 28x28, 2 CNF blocks per scale), concat conv "
-        "dynamics, Hutchinson, rk4 at step 0.25, direct gradient, lambda_K = lambda_J = "
-        "0.01, Adam with warm-up; synthetic uint8 images (a fixed-step step costs the same "
-        f"on any pixels). Projected: ms / step x {MNIST_TRAIN // 200} steps x "
-        f"{MNIST_EPOCHS} epochs (the recipe's count) at batch 200.",
+        "multiscale: the recipe, kr.multiscale_rnode (3 scales for 28x28, 2 CNF blocks per "
+        "scale); single-scale: as many full-resolution blocks as the recipe has per scale "
+        "(flow matching needs one path from data to noise, which a multiscale model's "
+        "squeezes break). Both: concat conv dynamics, Hutchinson, rk4 at step 0.25, direct "
+        "gradient, lambda_K = lambda_J = 0.01, Adam with warm-up; synthetic uint8 images (a "
+        "fixed-step step costs the same on any pixels). Flow matching (OT: the minibatch "
+        "assignment on the host) solves nothing: NFE 0. Projected (the recipe only): ms / "
+        f"step x {MNIST_TRAIN // 200} steps x {MNIST_EPOCHS} epochs (the recipe's count) at "
+        "batch 200. JAX cannot reset its peak memory: only its first row has one.",
         "",
-        "| backend | compiled | images | batch | blocks | ms / step | NFE | peak memory MB "
-        "| first call s | projected MNIST run h |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | compiled | model | objective | images | batch | blocks | ms / step | NFE "
+        "| peak memory MB | first call s | projected MNIST run h |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in (r for r in rows if r["kind"] == "mnist"):
+        projected = ("-" if r.get("projected_h") is None else
+                     fmt(r["projected_h"], 2) if r["full_size"] else "- (not full size)")
         lines.append(f"| {r['backend']} | {'XLA' if r['jit'] else 'eager'} "
+                     f"| {r.get('model', 'multiscale')} | {r.get('objective', 'likelihood')} "
                      f"| {'x'.join(map(str, r['shape']))} | {r['batch']} | {r['blocks']} "
                      f"| {fmt(r['ms'])} | {fmt(r['nfe'], 0)} | {fmt(r['peak_mb'])} "
-                     f"| {fmt(r['first_s'], 2)} "
-                     f"| {fmt(r['projected_h'], 2) if r['full_size'] else '- (not full size)'} |")
+                     f"| {fmt(r['first_s'], 2)} | {projected} |")
     digits = [r for r in rows if r["kind"] == "digits"]
     lines += [
         "",

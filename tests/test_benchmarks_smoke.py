@@ -273,7 +273,13 @@ def test_gpu_script_runs_on_the_cpu(tmp_path):
     impls = {r["impl"] for r in rows if r["kind"] == "toy"}
     assert "keras-rnode (JAX, XLA)" in impls and "diffrax (JAX, jit)" in impls, impls
     assert "PyTorch + torchdiffeq reference" in impls, impls
-    assert {r["backend"] for r in rows if r["kind"] == "mnist"} == {"jax", "torch"}
+    mnist = [r for r in rows if r["kind"] == "mnist"]
+    assert {r["backend"] for r in mnist} == {"jax", "torch"}
+    # Flow matching beside likelihood on the same single-scale model, both backends.
+    single = {(r["backend"], r["objective"]) for r in mnist if r["model"] == "single-scale"}
+    assert single == {(b, o) for b in ("jax", "torch")
+                      for o in ("likelihood", "flow_matching", "flow_matching_ot")}
+    assert all(r["nfe"] == 0 for r in mnist if r["objective"] != "likelihood")
     digits = [r for r in rows if r["kind"] == "digits"]
     assert {r["model"] for r in digits} == {"RNODE", "unregularized"}
     assert max(r["step"] for r in digits) > 0
@@ -346,3 +352,114 @@ def test_plateau_across_seeds_reads_steps_ratios_and_the_paired_gap(tmp_path):
     missing = CliRunner().invoke(load("plateau").main, ["--across", "_s1,_s9", "--datasets",
                                                         "8gaussians", "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "no record plateau_s9_8gaussians.jsonl" in missing.output
+
+
+# --------------------------------------------------------------------------
+# Issue 25: flow matching against likelihood training and torchcfm
+
+
+def test_flow_matching_lists_its_options():
+    result = CliRunner().invoke(load("flow_matching").main, ["--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--datasets", "--methods", "--budget-s", "--fm-share", "--switch-share",
+                   "--sigma", "--clock", "--jax", "--quick", "--out"):
+        assert option in result.output
+    assert "--jax-worker" not in result.output  # internal
+
+
+def test_flow_matching_evaluates_on_a_growing_schedule():
+    import numpy as np
+
+    bench = load("flow_matching")
+    steps = [0]
+    while steps[-1] < 3000:
+        steps.append(bench.next_eval(steps[-1], 50))
+    gaps = np.diff(steps)
+    assert steps[:3] == [0, 50, 100] and all(g % 50 == 0 for g in gaps)
+    assert list(gaps) == sorted(gaps) and gaps[-1] == 250  # a tenth of ~2500, rounded down
+
+
+def test_flow_matching_goals_judge_the_records():
+    bench = load("flow_matching")
+
+    class FakeRun:
+        def __init__(self, rows, wall, cpu):
+            self.records = [{"step": s, "wall_s": t, "cpu_s": t, "nll": nll, "eval_nfe": nfe,
+                             "kinetic": k, "status": "success"} for s, t, nll, nfe, k in rows]
+            self.steps, self.wall, self.cpu, self.failed, self.compile_s = \
+                rows[-1][0], wall, cpu, None, 1.0
+            self.step_wall = self.step_cpu = [0.01, 0.02, 0.03]
+
+    def summary(rnode_rows):
+        runs = {
+            "rnode": FakeRun(rnode_rows, 100.0, 100.0),
+            "fm": FakeRun([(0, 0, 6.0, 40, 0.0), (100, 2, 3.5, 300, 2.0), (200, 4, 3.2, 500, 2.5)],
+                          4, 4),
+            "fm_ot": FakeRun([(0, 0, 6.0, 40, 0.0), (100, 5, 3.2, 150, 1.5),
+                              (200, 9, 2.99, 200, 1.6)], 9, 9),
+            "fm_ot_ft": FakeRun([(100, 5, 3.2, 150, 1.5), (150, 20, 2.9, 90, 1.2)], 20, 20),
+        }
+        return bench.summarize("8gaussians", runs, None,
+                               {"clock": "cpu", "budgets": {"8gaussians": 100.0},
+                                "fm_share": 0.5})
+
+    s = summary([(0, 0, 6.0, 40, 0.0), (500, 50, 3.1, 80, 1.0), (900, 90, 2.95, 80, 1.0)])
+    m, g = s["methods"], s["goals"]
+    assert m["fm_ot"]["target_step"] == 200 and m["fm_ot"]["target_cpu_s"] == 9
+    assert m["fm"]["target_step"] is None and m["rnode"]["ms_step_cpu"] == pytest.approx(20.0)
+    assert m["rnode"]["nll_at_budget"] == 3.1  # the last evaluation within 0.5 x 100 s
+    assert g["fm_ot_tenth"]["met"] and "0.10x" in g["fm_ot_tenth"]["text"]  # 9 s of 90 s
+    assert g["fm_ot_quarter"]["met"]
+    assert g["ot_straighter_ours"]["met"]  # step 200: 200 NFE < 500, kinetic 1.6 < 2.5
+    # The fine-tune ends at 2.9 with 90 NFE (1.12x RNODE's 80) after 20 s (0.22x of 90 s).
+    assert g["finetune"]["met"], g["finetune"]["text"]
+
+    # RNODE never reaches 3.0: the ratios are bounds against its whole 100 s.
+    s = summary([(0, 0, 6.0, 40, 0.0), (900, 90, 3.05, 60, 1.0)])
+    assert s["methods"]["rnode"]["target_step"] is None
+    assert s["goals"]["fm_ot_tenth"]["met"] and "< 0.09x" in s["goals"]["fm_ot_tenth"]["text"]
+    assert not s["goals"]["finetune"]["met"]  # 90 NFE is 1.5x RNODE's 60
+
+
+@pytest.mark.slow
+def test_flow_matching_quick_run_writes_records_figure_and_section(tmp_path):
+    import json
+    import math
+
+    results = tmp_path / "RESULTS.md"
+    _run([sys.executable, str(BENCH / "flow_matching.py"), "--quick", "--out", str(tmp_path),
+          "--results", str(results)])
+    rows = [json.loads(line)
+            for line in (tmp_path / "flow_matching_8gaussians.jsonl").read_text().splitlines()]
+    records = [r for r in rows if "method" in r]
+    methods = {r["method"] for r in records}
+    ours = {"rnode", "fm", "fm_ot", "fm_ot_ft", "fm_ot_selu"}
+    assert ours <= methods
+    if load("flow_matching").have_torchcfm():
+        assert {"cfm", "otcfm"} <= methods
+    assert all(math.isfinite(r["nll"]) and r["eval_nfe"] > 0 and r["kinetic"] >= 0
+               and r["status"] == "success" for r in records)
+    # The fine-tune starts from an FM-OT evaluation past the switch, with FM-OT's clock.
+    config = rows[0]["config"]
+    ft = [r for r in records if r["method"] == "fm_ot_ft"]
+    inherited = [r for r in ft if r.get("inherited")]
+    fm_ot = [r for r in records if r["method"] == "fm_ot"]
+    assert [(r["step"], r["cpu_s"]) for r in inherited] == \
+        [(r["step"], r["cpu_s"]) for r in fm_ot[:len(inherited)]]
+    switch = config["switch_share"] * config["fm_share"] * config["budgets"]["8gaussians"]
+    own = ft[len(inherited):]
+    assert inherited[-1]["cpu_s"] >= switch and own and own[-1]["cpu_s"] > inherited[-1]["cpu_s"]
+    assert own[-1]["step"] > inherited[-1]["step"]
+    summary = rows[-1]["summary"]
+    assert summary["target"] == 3.0 and set(summary["methods"]) == methods
+    assert {"fm_ot_tenth", "fm_ot_quarter", "finetune"} <= set(summary["goals"])
+    assert (tmp_path / "flow_matching.png").stat().st_size > 10_000
+    steps = [json.loads(line) for line in
+             (tmp_path / "flow_matching_steps.jsonl").read_text().splitlines()[1:]]
+    variants = {r["variant"] for r in steps}
+    assert "ours ot, concatsquash, TF graph" in variants
+    assert any(v.startswith("OT alone, ours") for v in variants)
+    assert all(r["ms_cpu"] > 0 for r in steps)
+    text = results.read_text()
+    assert "## Flow matching (issue 25)" in text and "| data set | method | steps |" in text
+    assert "Goals (issue 25)" in text and "| variant | CPU ms | wall ms |" in text
