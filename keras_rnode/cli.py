@@ -200,6 +200,8 @@ def main():
 @setting("layer_type", click.Choice(sorted(CONV_DYNAMICS)),
          "Images: conv dynamics, t as an extra channel (concat) or gated by t (concatsquash)."
          "  [default: concat multiscale, concatsquash single]")
+@setting("activation", click.Choice(factory.ACTIVATIONS), "Of the dynamics net; auto: "
+         "softplus (the paper's), SiLU for flow matching (softplus nets learn slowly there).")
 @regularizer_options
 @setting("objective", click.Choice(train_settings.OBJECTIVE_CHOICES),
          "likelihood: solve the flow, minimize nats or bits/dim + penalties; flow-matching: "
@@ -229,13 +231,11 @@ def main():
 @setting("n_test", INT, f"Held-out sample size.  [default: {TOY_TEST_SIZE} toy points, the "
          "whole image test split]")
 @setting("logit_alpha", float, "Images: alpha of the logit transform in front of the flow.")
-@setting("devices", INT, "Data-parallel training on this many devices (TensorFlow: "
-         "tf.distribute.MirroredStrategy; JAX: keras.distribution.DataParallel): GPUs, or "
-         "the CPU split into logical devices.")
-@setting("workers", is_flag=True,
-         help="Train as one worker of the cluster the TF_CONFIG environment variable "
-              "describes (tf.distribute.MultiWorkerMirroredStrategy): every worker runs the "
-              "same command, --batch-size is the global batch, worker 0 writes --out.")
+@setting("devices", INT, "Data-parallel training on this many devices (TF: MirroredStrategy; "
+         "JAX: DataParallel): GPUs, or the CPU split into logical devices.")
+@setting("workers", is_flag=True, help="Train as one worker of TF_CONFIG's cluster "
+         "(MultiWorkerMirroredStrategy): every worker runs the same command, --batch-size is "
+         "the global batch, worker 0 writes --out.")
 @click.option("--jit", "jit", show_default=True, is_flag=False, flag_value="on",
               default=next(k for k, v in JIT_CHOICES.items() if v == DEFAULTS.jit),
               type=click.Choice(tuple(JIT_CHOICES)),

@@ -695,7 +695,7 @@ def _model(settings, event_shape, levels):
         eval_solver=settings.eval_solver, trace=settings.trace,
         eval_trace=settings.eval_trace, noise=settings.noise,
         architecture=settings.architecture, layer_type=settings.layer_type,
-        objective=settings.training_objective)
+        objective=settings.training_objective, activation=settings.activation)
 
 
 def _optimizer(model, settings):

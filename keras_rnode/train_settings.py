@@ -25,7 +25,13 @@ from keras_rnode.actions import ACTIONS
 from keras_rnode.datasets.registry import TOY_TRAIN_SIZE, check_dataset, dataset_name
 from keras_rnode.layers.divergence import PROBES, TRACES, default_trace
 from keras_rnode.models.conv_dynamics import CONV_DYNAMICS
-from keras_rnode.models.factory import ARCHITECTURES, architecture_for, default_hidden
+from keras_rnode.models.factory import (
+    ACTIVATIONS,
+    ARCHITECTURES,
+    architecture_for,
+    default_activation,
+    default_hidden,
+)
 from keras_rnode.solvers.settings import (
     EVAL_PREFIX,
     FIELDS,
@@ -125,7 +131,8 @@ class TrainSettings:
     training and evaluation solvers; on disk their fields are flat options
     of their own (method, eval_rtol, ...: see `to_options`). `jit` is True
     (XLA), False (graph mode) or "auto". `hidden=None` and the "auto" of
-    `architecture`, `trace` and `jit` are decided by the data (`resolved`);
+    `architecture`, `trace` and `jit` are decided by the data (`resolved`),
+    that of `activation` by the objective (softplus, or SiLU for flow matching);
     `epochs=steps=None` is DEFAULT_EPOCHS, or as many as DEFAULT_MIN_STEPS
     steps take; `eval_trace=None` is as `trace`; `n_test=None` is the whole
     test split (TOY_TEST_SIZE toy points); `out=None` is runs/DATASET (`run_dir`).
@@ -141,6 +148,7 @@ class TrainSettings:
     blocks: int = 1
     architecture: str = "auto"
     layer_type: str | None = None
+    activation: str = "auto"
     regularizers: dict = dataclasses.field(
         default_factory=lambda: {"kinetic": 0.01, "jacobian": 0.01})
     objective: str = objectives.Likelihood.name
@@ -208,7 +216,8 @@ class TrainSettings:
         # Zero weights left out: the model integrates only penalties of weight > 0.
         self._store("regularizers", {name: weight for name, weight in
                                      regularizers.weights(self.regularizers).items() if weight})
-        choices = {"architecture": ARCHITECTURES, "trace": ("auto", *TRACES), "noise": PROBES,
+        choices = {"architecture": ARCHITECTURES, "activation": ACTIVATIONS,
+                   "trace": ("auto", *TRACES), "noise": PROBES,
                    "on_nan": ON_NAN, "on_max_steps": ACTIONS, "on_nfe_limit": ON_NFE_LIMIT}
         for name, allowed in choices.items():
             checks.one_of(getattr(self, name), flag(name), allowed)
@@ -273,7 +282,10 @@ class TrainSettings:
         trace = default_trace(event_shape) if self.trace == "auto" else self.trace
         conv = len(event_shape) == 3 and architecture != "dense"
         jit = _jit_by_default(conv, self.host_assignment) if self.jit == "auto" else self.jit
+        activation = (default_activation(self.objective) if self.activation == "auto"
+                      else self.activation)
         return dataclasses.replace(self, architecture=architecture, trace=trace,
+                                   activation=activation,
                                    eval_trace=self.eval_trace or trace, jit=jit,
                                    hidden=self.hidden or default_hidden(architecture,
                                                                         event_shape))

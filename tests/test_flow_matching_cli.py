@@ -297,3 +297,20 @@ def test_evaluate_reports_the_kinetic_energy_for_either_objective(which, request
                                               rel=1e-5)
     quick = json.loads(invoke("evaluate", run, "--no-kinetic", "--json").output)
     assert "kinetic" not in quick and quick["nll"] == pytest.approx(report["nll"], rel=1e-6)
+
+
+def test_the_activation_follows_the_objective_unless_given():
+    from keras_rnode.models.factory import build_model
+
+    likelihood = kr.TrainSettings().resolved((2,))
+    flow_matching = kr.TrainSettings(objective="flow_matching").resolved((2,))
+    assert (likelihood.activation, flow_matching.activation) == ("softplus", "silu")
+    assert kr.TrainSettings(objective="flow_matching",
+                            activation="tanh").resolved((2,)).activation == "tanh"
+    options = dict(hidden=(4,), blocks=1, regularizers={}, logit_alpha=None, seed=0,
+                   solver=kr.SolverSettings(), eval_solver=kr.SolverSettings(), trace="exact")
+    for objective, expected in (("likelihood", "softplus"), ("flow_matching", "silu")):
+        model = build_model((2,), None, objective=objective, **options)
+        assert model.blocks[0].dynamics.activation == expected
+    with pytest.raises(ValueError, match="--activation"):
+        kr.TrainSettings(activation="relu6")
