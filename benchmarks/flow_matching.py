@@ -8,7 +8,8 @@ every curve advances in training time together. Each method's clock (wall
 and process CPU time) counts only its own training steps; its first step
 (tracing and XLA compilation) and every evaluation are off the clock.
 
-Methods (2-D data: ConcatSquashMLP 64,64,64 softplus, one CNF block, exact
+Methods (2-D data: ConcatSquashMLP 64,64,64, softplus for likelihood and SiLU
+for flow matching as `rnode train` picks them, one CNF block, exact
 trace; digits: the model `rnode train --dataset digits` builds, dense
 256,256 dynamics on the flattened 8x8 image, Hutchinson trace, 17 levels,
 logit transform):
@@ -27,9 +28,9 @@ logit transform):
   on), then `model.objective = "likelihood"`, compile (a fresh Adam 1e-3),
   and likelihood steps with RNODE's penalties to the end of that budget:
   FM-OT then a fine-tune within --fm-share of RNODE's time, all told.
-- fm_ot_selu (a diagnostic): fm_ot on the same ConcatSquashMLP with SELU
-  instead of softplus, the activation of torchcfm's MLP: it tells the
-  network's part in what fm_ot learns per step from the library's.
+- fm_ot_softplus (a diagnostic): fm_ot on the same ConcatSquashMLP with the
+  likelihood's softplus instead of flow matching's default SiLU: the
+  network's part in what fm_ot learns per step.
 - cfm, otcfm (2-D data, where torchcfm is installed): torchcfm's
   ConditionalFlowMatcher (I-CFM) and ExactOptimalTransportConditionalFlowMatcher
   (OT-CFM; POT's exact plan, pairs drawn from it with replacement, as
@@ -124,13 +125,13 @@ DEFAULT_OUT = HERE / "results"
 TARGETS = {"8gaussians": 3.0, "checkerboard": 3.6}  # the digits: RNODE's final bits/dim
 # RNODE's training budget per data set, seconds; the others get --fm-share of it.
 BUDGETS = {"8gaussians": 150.0, "checkerboard": 200.0, "digits": 240.0}
-METHODS = ("rnode", "fm", "fm_ot", "fm_ot_ft", "fm_ot_selu", "cfm", "otcfm")
+METHODS = ("rnode", "fm", "fm_ot", "fm_ot_ft", "fm_ot_softplus", "cfm", "otcfm")
 TORCHCFM = ("cfm", "otcfm")
 LABELS = {"rnode": "RNODE (likelihood)", "fm": "FM, independent", "fm_ot": "FM-OT",
-          "fm_ot_ft": "FM-OT + likelihood fine-tune", "fm_ot_selu": "FM-OT, SELU net",
+          "fm_ot_ft": "FM-OT + likelihood fine-tune", "fm_ot_softplus": "FM-OT, softplus net",
           "cfm": "torchcfm I-CFM", "otcfm": "torchcfm OT-CFM"}
 COLORS = {"rnode": "tab:blue", "fm": "tab:green", "fm_ot": "tab:red", "fm_ot_ft": "tab:purple",
-          "fm_ot_selu": "tab:pink", "cfm": "tab:olive", "otcfm": "tab:orange"}
+          "fm_ot_softplus": "tab:pink", "cfm": "tab:olive", "otcfm": "tab:orange"}
 BATCH = 512
 LR = 1e-3
 WIDTH = 64  # torchcfm's MLP, as wide as our hidden layers
@@ -281,14 +282,22 @@ class Ours:
 
 def our_model(method, settings, shape, levels, sigma):
     """rnode as `rnode train` compiles it; fm and fm_ot the same model (the same weights,
-    from the same seed) with a flow matching objective; fm_ot_selu with SELU dynamics."""
+    from the same seed) with a flow matching objective, and the dynamics' activation
+    `rnode train --objective flow-matching` gives them (SiLU); fm_ot_softplus keeps
+    the likelihood's softplus."""
+    import dataclasses
+
     import keras
 
     from keras_rnode import objectives, runs
+    from keras_rnode.models.factory import default_activation
 
     keras.utils.set_random_seed(settings.seed)
-    model = selu_model(settings, shape, levels) if method == "fm_ot_selu" else \
-        runs.compiled_model(settings, shape, levels)
+    if method != "rnode":
+        activation = ("softplus" if method == "fm_ot_softplus"
+                      else default_activation(objectives.FlowMatching.name))
+        settings = dataclasses.replace(settings, activation=activation)
+    model = runs.compiled_model(settings, shape, levels)
     model.build((None, *shape))
     if method == "rnode":
         return model
@@ -297,19 +306,6 @@ def our_model(method, settings, shape, levels, sigma):
     # XLA cannot compile the OT step's host call on TensorFlow: graph mode there.
     model.compile(optimizer=optimizer(), jit_compile=settings.jit and coupling != "ot")
     return model
-
-
-def selu_model(settings, shape, levels):
-    """The model of `settings` (as models.factory builds it) with SELU dynamics."""
-    import keras_rnode as kr
-
-    net = kr.layers.ConcatSquashMLP(hidden=settings.hidden, activation="selu")
-    cnf = kr.layers.CNF(kr.layers.Flattened(net) if levels else net, trace=settings.trace,
-                        noise=settings.noise, eval_trace=settings.eval_trace,
-                        solver=settings.solver, eval_solver=settings.eval_solver,
-                        seed=settings.seed)
-    return kr.RNODE([cnf], regularizers=settings.regularizers, levels=levels,
-                    logit_alpha=settings.logit_alpha if levels else None, seed=settings.seed)
 
 
 def finetune_from(fm_ot_model, settings, shape, levels, sigma):
@@ -521,11 +517,11 @@ def summarize(dataset, runs, levels, args):
         }
     out["goals"] = goals(out, runs, clock)
     # What the network does to FM-OT's learning per step, at equal steps.
-    pair = paired(runs, "fm_ot", "fm_ot_selu")
+    pair = paired(runs, "fm_ot_softplus", "fm_ot")
     if pair is not None:
         out["activation"] = {"step": pair[0]["step"], "softplus": pair[0]["nll"],
-                             "selu": pair[1]["nll"], "softplus_nfe": pair[0]["eval_nfe"],
-                             "selu_nfe": pair[1]["eval_nfe"]}
+                             "silu": pair[1]["nll"], "softplus_nfe": pair[0]["eval_nfe"],
+                             "silu_nfe": pair[1]["eval_nfe"]}
     return out
 
 
@@ -636,8 +632,8 @@ def step_variants(args, jax_worker):
 
     def ours(coupling, net, jit):
         keras.utils.set_random_seed(args["seed"])
-        dynamics = (kr.layers.ConcatSquashMLP(hidden=(64, 64, 64)) if net == "concatsquash"
-                    else torchcfm_field_class()())
+        dynamics = (kr.layers.ConcatSquashMLP(hidden=(64, 64, 64), activation="silu")
+                    if net == "concatsquash" else torchcfm_field_class()())
         model = kr.RNODE([kr.layers.CNF(dynamics, trace="exact")],
                          objective=objectives.FlowMatching(coupling=coupling, sigma=args["sigma"]))
         model.build((None, 2))
@@ -740,8 +736,8 @@ def jax_worker_main(seed, sigma):
     models = {}
     for coupling in ("independent", "ot"):
         keras.utils.set_random_seed(seed)
-        model = kr.RNODE([kr.layers.CNF(kr.layers.ConcatSquashMLP(hidden=(64, 64, 64)),
-                                        trace="exact")],
+        net = kr.layers.ConcatSquashMLP(hidden=(64, 64, 64), activation="silu")
+        model = kr.RNODE([kr.layers.CNF(net, trace="exact")],
                          objective=objectives.FlowMatching(coupling=coupling, sigma=sigma))
         model.build((None, 2))
         model.compile(optimizer=optimizer(), jit_compile=True)
@@ -910,10 +906,10 @@ def report(args, summaries, step_rows, notes, wall_s, figure):
         for s in summaries.values():
             a = s.get("activation")
             if a:
-                add(f"- {s['dataset']}, the network: at step {a['step']} FM-OT on the default "
-                    f"softplus net is at {a['softplus']:.3f} {s['unit']} (eval NFE "
-                    f"{a['softplus_nfe']:.0f}), on the same net with SELU at {a['selu']:.3f} "
-                    f"(eval NFE {a['selu_nfe']:.0f}).")
+                add(f"- {s['dataset']}, the network: at step {a['step']} FM-OT on the "
+                    f"likelihood's softplus net is at {a['softplus']:.3f} {s['unit']} (eval "
+                    f"NFE {a['softplus_nfe']:.0f}), on flow matching's default SiLU net at "
+                    f"{a['silu']:.3f} (eval NFE {a['silu_nfe']:.0f}).")
         add("")
     if step_rows:
         add(f"Step times at batch {BATCH} on 8gaussians: medians of {step_rows[0]['repeats']} "

@@ -433,7 +433,7 @@ def test_flow_matching_quick_run_writes_records_figure_and_section(tmp_path):
             for line in (tmp_path / "flow_matching_8gaussians.jsonl").read_text().splitlines()]
     records = [r for r in rows if "method" in r]
     methods = {r["method"] for r in records}
-    ours = {"rnode", "fm", "fm_ot", "fm_ot_ft", "fm_ot_selu"}
+    ours = {"rnode", "fm", "fm_ot", "fm_ot_ft", "fm_ot_softplus"}
     assert ours <= methods
     if load("flow_matching").have_torchcfm():
         assert {"cfm", "otcfm"} <= methods
