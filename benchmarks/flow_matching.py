@@ -848,7 +848,7 @@ def fmt(value, spec=".1f", none="-"):
         else format(value, spec)
 
 
-def report(args, summaries, step_rows, notes, wall_s, figure):
+def report(args, summaries, step_rows, notes, wall_s, figure, whole=True):
     from _timing import section_head
 
     packages = ["keras", "torch"] + (["torchcfm", "pot"] if have_torchcfm() else [])
@@ -864,8 +864,8 @@ def report(args, summaries, step_rows, notes, wall_s, figure):
         f"{args['seed']}; evaluation (dopri5 1e-5, exact trace in 2-D) off the clock; RNODE "
         f"budget {each('budgets', ' s')}, the others {args['fm_share']:g}x that or "
         f"{args['max_fm_steps']} steps; the fine-tune branches off FM-OT after "
-        f"{args['switch_share']:g} of that and trains by likelihood to its end. Whole run "
-        f"{wall_s / 60:.1f} min. Records: `{args['out']}/flow_matching_<dataset>.jsonl`, "
+        f"{args['switch_share']:g} of that and trains by likelihood to its end. "
+        f"{'Whole run' if whole else 'This run (no race)'} {wall_s / 60:.1f} min. Records: `{args['out']}/flow_matching_<dataset>.jsonl`, "
         "`flow_matching_steps.jsonl`.")
     add("")
     if summaries:
@@ -1001,7 +1001,8 @@ def _pick(given, defaults, names):
 @click.option("--jax/--no-jax", default=True, show_default=True,
               help="Time our FM steps under JAX too (a worker process).")
 @click.option("--race/--no-race", "race_part", default=True, show_default=True,
-              help="Train the methods (the part with the figure).")
+              help="Train the methods (the part with the figure); --no-race reports the "
+                   "training rows of the records already in --out.")
 @click.option("--steps/--no-steps", "step_part", default=True, show_default=True,
               help="Time single steps.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -1075,6 +1076,12 @@ def main(datasets, methods, budget_s, fm_share, max_fm_steps, switch_share,
                 f.write(json.dumps({"summary": summaries[dataset]}) + "\n")
             all_runs[dataset] = {name: run.records for name, run in runs.items()}
         plot(all_runs, summaries, out / "flow_matching.png", clock)
+    else:
+        summaries, race_config = recorded_summaries(out, names)
+        if summaries:
+            notes.append(f"the training rows and figure are from the records of a race run "
+                         f"{race_config['date']} (`{race_config['command']}`); this run "
+                         "timed the steps only")
     step_rows = []
     if step_part:
         with (out / "flow_matching_steps.jsonl").open("w") as f:
@@ -1088,9 +1095,22 @@ def main(datasets, methods, budget_s, fm_share, max_fm_steps, switch_share,
             step_rows, step_notes = time_steps(args, log_step)
             notes += step_notes
     figure = os.path.relpath(out / "flow_matching.png", HERE)
-    section = report(args, summaries, step_rows, notes, time.perf_counter() - started, figure)
+    section = report(args, summaries, step_rows, notes, time.perf_counter() - started, figure,
+                     whole=race_part)
     publish(section, results, quick, no_write)
     click.echo(f"records and figure in {out}", err=True)
+
+
+def recorded_summaries(out, names):
+    """The summaries of an earlier race's records in `out`, and that race's config."""
+    summaries, config = {}, None
+    for dataset in names:
+        path = out / f"flow_matching_{dataset}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if rows and "summary" in rows[-1]:
+            summaries[dataset] = rows[-1]["summary"]
+            config = rows[0]["config"]
+    return summaries, config
 
 
 def _shown(path):
