@@ -125,7 +125,7 @@ def ot_assignment(x, z):
     with z[j[i]] minimizes sum_i ||x[i] - z[j[i]]||^2 (an exact assignment problem: uniform
     weights, equal sizes; scipy.optimize.linear_sum_assignment, Jonker-Volgenant).
 
-    x, z: NumPy arrays (n, *event_shape). O(n^3): 38-55 ms at n = 512 on one CPU
+    x, z: NumPy arrays (n, *event_shape). O(n^3): 38-54 ms at n = 512 on one CPU
     core for the digits and the 2-D toys (benchmarks/RESULTS.md, "Flow matching").
     """
     from scipy.optimize import linear_sum_assignment
