@@ -210,9 +210,20 @@ def describe_result(name, result):
         energy = ("n/a, a training solve ended with status " + result["kinetic_status"]
                   if result["kinetic"] is None else f"{result['kinetic']:.4g}")
         line += f"; kinetic energy {energy} ({result['kinetic_seconds']:.1f} s)"
+    if result.get("phases"):
+        line += "; trained by " + ", then ".join(map(_describe_phase, result["phases"]))
     if result["status"] != "success":
         line += f"; WARNING: solver status {result['status']}"
     return line
+
+
+def _describe_phase(phase):
+    """'flow matching (ot coupling, 300 steps)' for a run's phase record."""
+    objective = phase["objective"]
+    details = [f"{phase['steps']} steps"]
+    if "coupling" in objective:
+        details.insert(0, f"{objective['coupling']} coupling")
+    return f"{objective['name'].replace('_', ' ')} ({', '.join(details)})"
 
 
 def emit_result(name, result, json_only=False, echo=print):

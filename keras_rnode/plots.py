@@ -53,6 +53,17 @@ def plot_density(model, x, path, batch_size=500, resolution=80):
     _save(plt, fig, axes, path)
 
 
+# Channels an image can be drawn with: grey, RGB, RGBA.
+IMAGE_CHANNELS = (1, 3, 4)
+
+
+def drawable(event_shape):
+    """True when samples of event_shape draw as a PNG: 2-D points or images of 1, 3 or 4
+    channels."""
+    event_shape = tuple(event_shape)
+    return event_shape == (2,) or (len(event_shape) == 3 and event_shape[-1] in IMAGE_CHANNELS)
+
+
 def save_samples(samples, path, levels=None):
     """Samples to .npy (the array) or .png (a scatter for 2-D, a grid for images)."""
     samples = np.asarray(samples)
@@ -61,6 +72,10 @@ def save_samples(samples, path, levels=None):
         return
     if not path.endswith(".png"):
         raise ValueError(f"samples are written to a .npy or .png file, got {path!r}")
+    if not drawable(samples.shape[1:]):
+        raise ValueError(f"cannot draw samples of shape {samples.shape[1:]} as a PNG (2-D "
+                         f"points or images of {'/'.join(map(str, IMAGE_CHANNELS))} "
+                         "channels); write them to a .npy file")
     plt = _pyplot()
     if samples.ndim == 4:
         n = len(samples)
@@ -76,13 +91,10 @@ def save_samples(samples, path, levels=None):
         fig, ax = plt.subplots(figsize=(cols * 0.6 + 1, rows * 0.6 + 1))
         ax.imshow(canvas[..., 0] if c == 1 else np.clip(canvas, 0, 1), cmap="gray",
                   vmin=0, vmax=1)
-    elif samples.ndim == 2 and samples.shape[1] == 2:
+    else:
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(samples[:, 0], samples[:, 1], s=2)
         ax.set_aspect("equal")
-    else:
-        raise ValueError(f"cannot draw samples of shape {samples.shape[1:]} as a PNG; "
-                         "write them to a .npy file")
     _save(plt, fig, [ax], path)
 
 

@@ -8,7 +8,7 @@ A run directory, which `train` fills, holds
     metrics.json   final training metrics, held-out nll or bits/dim, NFE, times
     history.json   the per-epoch training metrics
     density.png    2-D data: the data beside the learned density
-    samples.png    images: a grid of samples
+    samples.png    images of 1, 3 or 4 channels: a grid of samples
     checkpoint/    while the run is unfinished: its options and its last checkpoint
 
 Whatever stops a run, what it left can be finished: checkpoint/ goes
@@ -69,7 +69,7 @@ from keras_rnode import __version__
 from keras_rnode.datasets.registry import check_dataset, dataset_name, load_data, load_npy
 from keras_rnode.datasets.toys import TOY_NAMES, toy_entropy
 from keras_rnode.models.factory import build_model
-from keras_rnode.plots import plot_density, plot_trajectories, save_samples
+from keras_rnode.plots import drawable, plot_density, plot_trajectories, save_samples
 from keras_rnode.solvers.settings import EVAL_PREFIX, split_options
 from keras_rnode.train_settings import (
     DEFAULT_EPOCHS,
@@ -149,9 +149,13 @@ def resumed_settings(options, given):
         raise OptionConflict("--resume needs --out RUN_DIR, the run to continue")
     saved = run_settings(out)
     if saved is None:
-        path = os.path.join(out, CHECKPOINT_DIR, OPTIONS_FILE)
-        raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-    settable = () if finished_report(out) is not None else EVALUATION_OPTIONS
+        if not os.path.isdir(out):
+            raise FileNotFoundError(f"nothing to resume: {out} does not exist")
+        raise FileNotFoundError(f"nothing to resume: {out} holds no run (neither "
+                                f"{os.path.join(CHECKPOINT_DIR, OPTIONS_FILE)} nor a finished "
+                                f"run's {CONFIG_FILE})")
+    finished = finished_report(out) is not None
+    settable = () if finished else EVALUATION_OPTIONS
     objective = options["objective"] if "objective" in given else saved.objective
     check_objective_options(objective, {name: options[name] for name in FLOW_MATCHING_OPTIONS
                                         if name in given})
@@ -162,9 +166,16 @@ def resumed_settings(options, given):
     was = saved.command_line()
     for key in sorted(given - set(RESUME_MAY_CHANGE) - set(settable) - set(phase)):
         value = list(options[key]) if isinstance(options[key], tuple) else options[key]
-        if was.get(key) != value:
-            raise OptionConflict(f"--resume continues the run with its own options; "
-                                 f"{flag(key)} was {was.get(key)!r}, drop {flag(key)}")
+        if was.get(key) == value:
+            continue
+        if finished and key in ("steps", "epochs"):
+            raise OptionConflict(
+                f"the run in {out} has finished training by {saved.objective}; with --resume, "
+                f"{flag(key)} gives a flow-matching run a likelihood phase (--objective "
+                "likelihood). To train longer, start a new run (another --out)")
+        was_given = "not given" if was.get(key) is None else repr(was.get(key))
+        raise OptionConflict(f"--resume continues the run with its own options; "
+                             f"{flag(key)} was {was_given}, drop {flag(key)}")
     evaluation = {key: options[key] for key in given & set(settable)}
     solver = split_options(evaluation, EVAL_PREFIX)
     eval_solver = saved.eval_solver
@@ -203,8 +214,12 @@ def _fine_tuning_phase(out, options, given):
     if not {"steps", "epochs"} & given:
         raise OptionConflict(f"--objective likelihood fine-tunes the flow-matching run in {out} "
                              "in a phase of its own: give its length, --steps N or --epochs N")
+    # The network stays the one flow matching trained: its activation is not re-chosen
+    # for the likelihood ("auto" picks SiLU for flow matching, softplus for the likelihood).
+    trained = TrainSettings.from_options(load_config(out))
     phase = dict(objective=options["objective"], coupling=TrainSettings.coupling,
-                 sigma=TrainSettings.sigma, steps=None, epochs=None)
+                 sigma=TrainSettings.sigma, steps=None, epochs=None,
+                 activation=trained.activation)
     return {**phase, **{key: options[key] for key in ("steps", "epochs") if key in given}}
 
 
@@ -345,7 +360,8 @@ def _save_model(model, out):
 
 
 def write_figure(model, x_test, out, batch_size, seed):
-    """density.png for 2-D data, samples.png for images; drop the other if a run left it."""
+    """density.png for 2-D data, samples.png for images that draw (1, 3 or 4 channels),
+    no picture for other data; drop a picture a run left that is not this one."""
     import keras
 
     event_shape = tuple(model.event_shape)
@@ -353,7 +369,7 @@ def write_figure(model, x_test, out, batch_size, seed):
     if event_shape == (2,):
         figure = DENSITY_FILE
         plot_density(model, x_test, os.path.join(out, figure), batch_size)
-    elif len(event_shape) == 3:
+    elif len(event_shape) == 3 and drawable(event_shape):
         figure = SAMPLES_FILE
         samples = keras.ops.convert_to_numpy(model.sample(36, seed=seed))
         save_samples(samples, os.path.join(out, figure), model.levels)
@@ -421,8 +437,9 @@ def evaluate_run(run_dir, dataset=None, n_test=None, batch_size=None, trace=None
                  kinetic=True, **solver):
     """`rnode evaluate`: (name, result) of the run's model on its test split, or on
     `dataset`, with its evaluation settings but for those given (see `choose_evaluation`;
-    a fixed-step method needs its step), and the flow's kinetic energy unless
-    kinetic=False. Errors name the options as flags."""
+    a fixed-step method needs its step), the flow's kinetic energy unless kinetic=False,
+    and the run's training phases (objective and steps of each). Errors name the options
+    as flags."""
     check_step_size(solver)
     model = load_model(run_dir)
     with named_as_flags():
@@ -430,7 +447,10 @@ def evaluate_run(run_dir, dataset=None, n_test=None, batch_size=None, trace=None
     config = load_config(run_dir)
     x, name = evaluation_data(config, dataset, n_test)
     batch_size = batch_size or config.get("eval_batch_size", TrainSettings().eval_batch_size)
-    return name, held_out_quality(model, x, name, batch_size, kinetic)
+    result = held_out_quality(model, x, name, batch_size, kinetic)
+    if config.get("phases"):  # what trained it (runs before phases were kept have none)
+        result["phases"] = config["phases"]
+    return name, result
 
 
 # ---------------------------------------------------- sampling and export --

@@ -182,6 +182,18 @@ def test_ctrl_c_in_the_final_evaluation_leaves_a_run_resume_finishes(tmp_path, m
     assert again.exit_code == 0 and "finished before; nothing to resume" in again.output
     assert (run / "model.keras").stat().st_mtime_ns == before
     assert "drop --lr" in invoke("train", "--resume", "--out", run, "--lr", "0.5").output
+    longer = invoke("train", "--resume", "--out", run, "--steps", "50")
+    assert longer.exit_code == 2 and "finished training by likelihood" in longer.output
+    assert "To train longer, start a new run" in longer.output
+
+
+def test_resume_says_what_is_missing(tmp_path):
+    nowhere = tmp_path / "nowhere"
+    result = invoke("train", "--resume", "--out", nowhere)
+    assert result.exit_code == 1 and f"nothing to resume: {nowhere} does not exist" in result.output
+    (tmp_path / "empty").mkdir()
+    result = invoke("train", "--resume", "--out", tmp_path / "empty")
+    assert result.exit_code == 1 and "holds no run (neither checkpoint" in result.output
 
 
 def test_a_failed_final_evaluation_is_finished_with_other_evaluation_options(tmp_path,
