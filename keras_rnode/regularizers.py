@@ -119,7 +119,10 @@ _RESERVED = ("loss", "nll", "bpd", "nfe", "backward_nfe", "solver_failures", "lo
 def register(name, fn=None):
     """Register `fn` as the penalty `name`; returns fn (so `@register(name)` decorates).
 
-    `name` must be an identifier that is not a built-in's or a logged
+    `fn(inputs)` takes a `PenaltyInputs` (t, z, f, context, trace_products,
+    jvp) at one evaluation of the dynamics and returns a (batch,) tensor in
+    z's dtype, the penalty's rate per sample; the model integrates it over
+    each block's [0, T] and sums the blocks. `name` must be an identifier that is not a built-in's or a logged
     metric's; registering a name of your own again replaces its function.
     Raises ValueError for a bad or taken name, TypeError if fn is not callable.
     """

@@ -231,8 +231,10 @@ def test_model_penalties_integrate_any_registered_penalty_over_every_block():
     expected = augmented_reference(x)
     for name in regularizers.BUILTINS:
         np.testing.assert_allclose(np_(values[name]), expected[name], rtol=1e-8)
-    # By default the model's own names, weight 0 or not.
+    # By default the model's own names, weight 0 or not; one name may come as a string.
     assert set(model.penalties(f64(x))) == {"kinetic", "jacobian"}
+    np.testing.assert_allclose(np_(model.penalties(f64(x), names="directional")["directional"]),
+                               expected["directional"], rtol=1e-8)
     two = kr.RNODE([CNF(Affine(), trace="exact", rtol=1e-10, atol=1e-10, T=T / 2,
                         dtype="float64") for _ in range(2)], dtype="float64")
     # Two blocks of T/2 of a time-dependent field: not one block of T, but each

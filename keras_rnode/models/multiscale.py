@@ -151,7 +151,7 @@ def _build(blocks, shape):
 def multiscale_rnode(image_shape, channels=(64, 64, 64), blocks_per_scale=2, n_scales=None,
                      dynamics="concat", kernel_size=3, activation="softplus", kinetic=None,
                      jacobian=None, levels=256, logit_alpha=1e-6, seed=None, dtype=None,
-                     regularizers=None, **cnf_options):
+                     regularizers=None, objective="likelihood", **cnf_options):
     """A MultiscaleRNODE for images of `image_shape` (height, width, channels).
 
     Every CNF block gets its own conv dynamics net (`dynamics`: "concat",
@@ -160,7 +160,8 @@ def multiscale_rnode(image_shape, channels=(64, 64, 64), blocks_per_scale=2, n_s
     jacobian and regularizers are RNODE's penalty weights. n_scales
     defaults to FFJORD's count (3 for 28x28 MNIST, 4 for 32x32 CIFAR-10, 2
     for 8x8 digits). `cnf_options` go to every `keras_rnode.layers.CNF`
-    (trace, method, step_size, rtol, atol, eval_method, ...).
+    (trace, method, step_size, rtol, atol, eval_method, ...). `objective`
+    is the likelihood: flow matching is refused with the reason (ValueError).
     """
     height, width, _ = image_shape
     n_scales = n_scales or default_scales(height, width)
@@ -173,7 +174,7 @@ def multiscale_rnode(image_shape, channels=(64, 64, 64), blocks_per_scale=2, n_s
         blocks.append(CNF(net, seed=None if seed is None else seed + i, dtype=dtype,
                           **cnf_options))
     model = MultiscaleRNODE(blocks, n_scales, kinetic=kinetic, jacobian=jacobian,
-                            regularizers=regularizers, levels=levels,
+                            regularizers=regularizers, objective=objective, levels=levels,
                             logit_alpha=logit_alpha, seed=seed, dtype=dtype)
     model.build((None, *image_shape))
     return model

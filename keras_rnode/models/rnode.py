@@ -434,14 +434,20 @@ class RNODE(keras.Model):
     def penalties(self, x, context=None, names=None):
         """{name: per-sample integral over the whole flow}, summed over the blocks, (batch,).
 
-        Computed with each block's training solver and trace (Hutchinson's
-        probes drawn from the evaluation seed, the dequantization noise too),
-        whatever the model trains with: `names` defaults to the model's
+        Each value is the integral over t in [0, T] of the penalty's per-sample
+        value (`keras_rnode.regularizers`: a mean over the event's dimensions,
+        so the kinetic energy 0.5 mean f^2 has units of (data units / time)^2
+        per dimension, times time), in the state dtype. Computed with each
+        block's training solver and trace (Hutchinson's probes drawn from the
+        evaluation seed, the dequantization noise too), whatever the model
+        trains with: `names` (a name or a list of them) defaults to the model's
         regularizers and may ask for any registered penalty. For analysis: the
         kinetic energy of a flow is a figure the field reports (Finlay et al.
         2020, Table 1). ValueError for an unknown name.
         """
-        names = tuple(self._regularizers if names is None else names)
+        if names is None:
+            names = tuple(self._regularizers)
+        names = (names,) if isinstance(names, str) else tuple(names)
         for name in names:
             regularizers.get(name)
         x = self._checked_data(x, context)
@@ -600,6 +606,7 @@ class RNODE(keras.Model):
 
     def compile(self, optimizer="rmsprop", **kwargs):
         super().compile(optimizer=optimizer, **kwargs)
+        self._compiled_objective = self._objective
         if (self.jit_compile and isinstance(self._objective, objectives.FlowMatching)
                 and self._objective.coupling == "ot" and not backend.HOST_CALLS_COMPILE):
             warnings.warn("coupling='ot' solves its assignment on the host, which XLA cannot "
@@ -619,6 +626,13 @@ class RNODE(keras.Model):
         # Keras turns arrays into tensors, which _flow cannot check: a NaN
         # must end the run before its first step, not poison a later one.
         # (A conditional model's context comes as y, or beside x in a pair.)
+        compiled_for = getattr(self, "_compiled_objective", self._objective)
+        if self.compiled and compiled_for != self._objective:
+            # Keras would train on with the optimizer's moments of the other loss.
+            raise ValueError(
+                f"model.objective is {self._objective.name} but the model was compiled for "
+                f"{compiled_for.name}: compile() again before fit, with a fresh optimizer "
+                "(its moments estimate the other loss's gradients)")
         for what, data in (("the training data", (x, y)),
                            ("the validation data", kwargs.get("validation_data"))):
             for part in data if isinstance(data, (tuple, list)) else (data,):
