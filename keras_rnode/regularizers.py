@@ -122,8 +122,9 @@ def register(name, fn=None):
     `fn(inputs)` takes a `PenaltyInputs` (t, z, f, context, trace_products,
     jvp) at one evaluation of the dynamics and returns a (batch,) tensor in
     z's dtype, the penalty's rate per sample; the model integrates it over
-    each block's [0, T] and sums the blocks. `name` must be an identifier that is not a built-in's or a logged
-    metric's; registering a name of your own again replaces its function.
+    each block's [0, T] and sums the blocks. `name` must be an identifier
+    that is not a built-in's or a logged metric's; registering a name of
+    your own again replaces its function.
     Raises ValueError for a bad or taken name, TypeError if fn is not callable.
     """
     if fn is None:

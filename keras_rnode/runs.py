@@ -164,7 +164,10 @@ def resumed_settings(options, given):
         phase = _fine_tuning_phase(out, options, given)
         settable = EVALUATION_OPTIONS
     was = saved.command_line()
-    for key in sorted(given - set(RESUME_MAY_CHANGE) - set(settable) - set(phase)):
+    # Options the resume may set; the rest must be the run's own (a phase's pinned
+    # activation among them: the network is the run's).
+    free = set(RESUME_MAY_CHANGE) | set(settable) | (set(PHASE_OPTIONS) & set(phase))
+    for key in sorted(given - free):
         value = list(options[key]) if isinstance(options[key], tuple) else options[key]
         if was.get(key) == value:
             continue
@@ -369,7 +372,7 @@ def write_figure(model, x_test, out, batch_size, seed):
     if event_shape == (2,):
         figure = DENSITY_FILE
         plot_density(model, x_test, os.path.join(out, figure), batch_size)
-    elif len(event_shape) == 3 and drawable(event_shape):
+    elif drawable(event_shape):
         figure = SAMPLES_FILE
         samples = keras.ops.convert_to_numpy(model.sample(36, seed=seed))
         save_samples(samples, os.path.join(out, figure), model.levels)

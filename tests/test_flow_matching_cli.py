@@ -249,6 +249,9 @@ def test_what_a_fine_tune_may_not_be_given(fm_run):
                               "ot"), "--coupling ot only means")
     assert_usage_error(invoke("train", "--resume", "--out", run, *FINE_TUNE, "--lr", "0.5"),
                        "drop --lr")
+    # The network is the run's: the fine-tune keeps its activation and takes no other.
+    assert_usage_error(invoke("train", "--resume", "--out", run, *FINE_TUNE, "--activation",
+                              "tanh"), "drop --activation")
     # Without the switch a finished run's length is its own; the error says what --steps
     # with --resume is for.
     assert_usage_error(invoke("train", "--resume", "--out", run, "--steps", "9"),

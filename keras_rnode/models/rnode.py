@@ -435,9 +435,9 @@ class RNODE(keras.Model):
         """{name: per-sample integral over the whole flow}, summed over the blocks, (batch,).
 
         Each value is the integral over t in [0, T] of the penalty's per-sample
-        value (`keras_rnode.regularizers`: a mean over the event's dimensions,
-        so the kinetic energy 0.5 mean f^2 has units of (data units / time)^2
-        per dimension, times time), in the state dtype. Computed with each
+        rate (`keras_rnode.regularizers`: a mean over the event's dimensions;
+        the kinetic energy integrates 0.5 mean f^2, so its unit is squared data
+        units per unit time), in the state dtype. Computed with each
         block's training solver and trace (Hutchinson's probes drawn from the
         evaluation seed, the dequantization noise too), whatever the model
         trains with: `names` (a name or a list of them) defaults to the model's
@@ -445,8 +445,9 @@ class RNODE(keras.Model):
         kinetic energy of a flow is a figure the field reports (Finlay et al.
         2020, Table 1). ValueError for an unknown name.
         """
-        if names is None:
-            names = tuple(self._regularizers)
+        # Expressions, not an if statement: autograph (evaluation's tf.function)
+        # converted that form wrongly ("tf__names() takes 0 positional arguments").
+        names = self._regularizers if names is None else names
         names = (names,) if isinstance(names, str) else tuple(names)
         for name in names:
             regularizers.get(name)
