@@ -161,7 +161,7 @@ def resumed_settings(options, given):
                                         if name in given})
     phase = {}
     if fine_tunes(saved, objective):
-        phase = _fine_tuning_phase(out, options, given)
+        phase = _fine_tuning_phase(out, saved, options, given)
         settable = EVALUATION_OPTIONS
     was = saved.command_line()
     # Options the resume may set; the rest must be the run's own (a phase's pinned
@@ -211,18 +211,18 @@ def fine_tunes(current, objective):
             and objective == objectives.Likelihood.name)
 
 
-def _fine_tuning_phase(out, options, given):
+def _fine_tuning_phase(out, saved, options, given):
     """The PHASE_OPTIONS of the likelihood phase the command line asks of the flow-matching
-    run in `out`; OptionConflict without its length."""
+    run in `out` (of settings `saved`, finished or not), with the activation its network
+    has; OptionConflict without its length."""
     if not {"steps", "epochs"} & given:
         raise OptionConflict(f"--objective likelihood fine-tunes the flow-matching run in {out} "
                              "in a phase of its own: give its length, --steps N or --epochs N")
-    # The network stays the one flow matching trained: its activation is not re-chosen
-    # for the likelihood ("auto" picks SiLU for flow matching, softplus for the likelihood).
-    trained = TrainSettings.from_options(load_config(out))
+    # The network stays the one flow matching trained: "auto" is not chosen again for the
+    # likelihood (SiLU for flow matching, softplus for the likelihood).
     phase = dict(objective=options["objective"], coupling=TrainSettings.coupling,
                  sigma=TrainSettings.sigma, steps=None, epochs=None,
-                 activation=trained.activation)
+                 activation=saved.network_activation)
     return {**phase, **{key: options[key] for key in ("steps", "epochs") if key in given}}
 
 

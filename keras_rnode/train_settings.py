@@ -265,6 +265,12 @@ class TrainSettings:
         """True where a training step calls the host: the OT coupling's assignment."""
         return self.objective == objectives.FlowMatching.name and self.coupling == "ot"
 
+    @property
+    def network_activation(self):
+        """The activation of the dynamics these settings build: "auto" by the objective."""
+        return (default_activation(self.objective) if self.activation == "auto"
+                else self.activation)
+
     def resolved(self, event_shape):
         """These settings with what the data decides: the architecture, trace and jit for
         "auto", default widths."""
@@ -282,10 +288,8 @@ class TrainSettings:
         trace = default_trace(event_shape) if self.trace == "auto" else self.trace
         conv = len(event_shape) == 3 and architecture != "dense"
         jit = _jit_by_default(conv, self.host_assignment) if self.jit == "auto" else self.jit
-        activation = (default_activation(self.objective) if self.activation == "auto"
-                      else self.activation)
         return dataclasses.replace(self, architecture=architecture, trace=trace,
-                                   activation=activation,
+                                   activation=self.network_activation,
                                    eval_trace=self.eval_trace or trace, jit=jit,
                                    hidden=self.hidden or default_hidden(architecture,
                                                                         event_shape))

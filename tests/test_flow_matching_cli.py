@@ -292,6 +292,8 @@ def test_an_interrupted_flow_matching_run_is_trained_out_then_fine_tuned(fine_tu
     assert read(run, "metrics.json")["phases"][0]["steps"] == 6
     for a, b in zip(weights(fine_tuned[0]), weights(run)):
         np.testing.assert_array_equal(a, b)
+    # The same network too: weights say nothing of the activation between them.
+    assert load_model(run).blocks[0].dynamics.activation == "silu"
 
 
 # ---------------------------------------------------------------- evaluate --
