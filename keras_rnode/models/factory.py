@@ -88,17 +88,15 @@ def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alph
     cnf_options = dict(trace=trace, noise=noise, eval_trace=eval_trace, solver=solver,
                        eval_solver=eval_solver)
     rnode_options = dict(regularizers=dict(regularizers), levels=levels,
-                          logit_alpha=logit_alpha if levels else None, seed=seed)
+                         logit_alpha=logit_alpha if levels else None, seed=seed,
+                         objective=objective)
     if architecture == "multiscale":
         if len(event_shape) != 3:
             raise ValueError(f"the multiscale architecture needs images, got data of event "
                              f"shape {event_shape}")
-        model = multiscale_rnode(event_shape, channels=hidden, blocks_per_scale=blocks,
-                                 dynamics=layer_type or "concat", activation=activation,
-                                 **rnode_options, **cnf_options)
-        # multiscale_rnode takes no objective; the model says why it refuses one.
-        model.objective = objective
-        return model
+        return multiscale_rnode(event_shape, channels=hidden, blocks_per_scale=blocks,
+                                dynamics=layer_type or "concat", activation=activation,
+                                **rnode_options, **cnf_options)
     if len(event_shape) == 3 and architecture == "dense":
         def dynamics():
             return Flattened(ConcatSquashMLP(hidden=hidden, activation=activation))
@@ -112,4 +110,4 @@ def build_model(event_shape, levels, *, hidden, blocks, regularizers, logit_alph
         raise ValueError(f"data of event shape {event_shape} is neither flat vectors nor "
                          "(height, width, channels) images")
     cnfs = [CNF(dynamics(), seed=seed + i, **cnf_options) for i in range(blocks)]
-    return RNODE(cnfs, objective=objective, **rnode_options)
+    return RNODE(cnfs, **rnode_options)
