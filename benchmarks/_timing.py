@@ -233,6 +233,16 @@ def write_results(path, section, heading=None):
     path.write_text(text)
 
 
+def save_figure(fig, path, dpi=100):
+    """Lay out `fig`, write it to `path` (its folder made if need be) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def clocked_step(run, step, batch):
     """One training step `step(batch)` (returning a dict with "loss") charged to `run`.
 

@@ -116,6 +116,7 @@ from _timing import (  # noqa: E402  (makes TensorFlow the backend)
     common_options,
     machine,
     publish,
+    save_figure,
     set_threads,
 )
 from plateau import batches  # noqa: E402
@@ -880,10 +881,7 @@ def plot(all_runs, summaries, path, clock):
             ax.set_xlim(left=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def fmt(value, spec=".1f", none="-"):

@@ -48,7 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
-from _timing import clocked_step, command_line, machine  # noqa: E402  (makes TensorFlow the backend)
+from _timing import (  # noqa: E402  (makes TensorFlow the backend)
+    clocked_step,
+    command_line,
+    machine,
+    save_figure,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -327,10 +332,7 @@ def plot(all_runs, summaries, path):
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def table(summaries):
@@ -449,9 +451,7 @@ def plot_across(curves, path):
                    title=f"{dataset}: seeds {seeds}, each labelled at its end")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 class _Recorded:

@@ -52,6 +52,7 @@ from _timing import (  # noqa: E402
     fmt_ratio,
     publish,
     ratio,
+    save_figure,
     section_head,
     set_threads,
 )
@@ -318,10 +319,7 @@ def plot(dataset, runs, summary, path, unit, clock):
     for ax in (ax_nll, ax_nfe):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def report(args, summaries, wall_s):
