@@ -660,11 +660,13 @@ def step_variants(args, jax_worker):
     variants = {}
     settings, shape = settings_for("8gaussians", args["seed"])
 
-    def ours(coupling, net, jit):
+    def seeded_net(net):
         keras.utils.set_random_seed(args["seed"])
-        dynamics = (kr.layers.ConcatSquashMLP(hidden=(64, 64, 64), activation="silu")
-                    if net == "concatsquash" else torchcfm_field_class()())
-        model = kr.RNODE([kr.layers.CNF(dynamics, trace="exact")],
+        return (kr.layers.ConcatSquashMLP(hidden=(64, 64, 64), activation="silu")
+                if net == "concatsquash" else torchcfm_field_class()())
+
+    def ours(coupling, net, jit):
+        model = kr.RNODE([kr.layers.CNF(seeded_net(net), trace="exact")],
                          objective=objectives.FlowMatching(coupling=coupling, sigma=args["sigma"]))
         model.build((None, 2))
         model.compile(optimizer=optimizer(), jit_compile=jit)
@@ -673,10 +675,7 @@ def step_variants(args, jax_worker):
     def bare(net):
         # The floor under our step: the same regression in a bare Keras model
         # (no RNODE: no stats, trackers, checks), Keras's and TensorFlow's own cost.
-        keras.utils.set_random_seed(args["seed"])
-        dynamics = (kr.layers.ConcatSquashMLP(hidden=(64, 64, 64), activation="silu")
-                    if net == "concatsquash" else torchcfm_field_class()())
-        model = bare_flow_matching_class()(dynamics, args["sigma"], args["seed"])
+        model = bare_flow_matching_class()(seeded_net(net), args["sigma"], args["seed"])
         model(batch())
         model.compile(optimizer=keras.optimizers.Adam(LR), jit_compile=True)
         return timed(lambda: model.train_on_batch(batch(), return_dict=True))
