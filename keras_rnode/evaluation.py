@@ -13,25 +13,32 @@ from keras_rnode import backend, checks
 from keras_rnode.layers.transforms import bits_per_dim, check_levels
 from keras_rnode.solvers.solution import Status
 
-_EVAL_FNS = weakref.WeakKeyDictionary()
-_KINETIC_FNS = weakref.WeakKeyDictionary()
+# model -> {key: compiled function}: what evaluation compiled for it, by what it depends on.
+_COMPILED = weakref.WeakKeyDictionary()
 
 
-def _eval_fn(model, midpoint):
-    """One compiled function per (model, midpoint, evaluation settings): log p of each
-    Hutchinson probe and sample, (probes, batch), with the evaluation solver."""
-    fns = _EVAL_FNS.setdefault(model, {})
-    key = (midpoint, *((b.eval_trace, b.eval_probes, b.eval_solver) for b in model.blocks))
+def _compiled(model, key, fn):
+    """fn(x, context=None) compiled as the backend compiles inference, once per (model, key):
+    x of the model's event shape, and the context of a conditional model."""
+    fns = _COMPILED.setdefault(model, {})
     if key not in fns:
-        def fn(x, context=None):
-            # NaN for a batch whose solve failed: its status is read below.
-            return model.log_prob(x, context, midpoint=midpoint, per_probe=True, strict=False)
-
         shapes = [(None, *model.event_shape)]
         if model.conditional:
             shapes.append((None, model.blocks[0].context_dim))
         fns[key] = backend.inference_function(model, fn, shapes)
     return fns[key]
+
+
+def _eval_fn(model, midpoint):
+    """One compiled function per (model, midpoint, evaluation settings): log p of each
+    Hutchinson probe and sample, (probes, batch), with the evaluation solver."""
+    def fn(x, context=None):
+        # NaN for a batch whose solve failed: its status is read below.
+        return model.log_prob(x, context, midpoint=midpoint, per_probe=True, strict=False)
+
+    key = ("log_prob", midpoint,
+           *((b.eval_trace, b.eval_probes, b.eval_solver) for b in model.blocks))
+    return _compiled(model, key, fn)
 
 
 def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, context=None,
@@ -94,17 +101,10 @@ def log_prob_batches(model, x, batch_size=500, midpoint=False, strict=True, cont
 def _kinetic_fn(model):
     """One compiled function per (model, training solvers and traces): the kinetic energy of
     each sample, (batch,), as `model.penalties` computes it (NaN where a solve failed)."""
-    fns = _KINETIC_FNS.setdefault(model, {})
-    key = tuple((b.trace, b.train_solver) for b in model.blocks)
-    if key not in fns:
-        def fn(x, context=None):
-            return model.penalties(x, context, names=("kinetic",))["kinetic"]
+    def fn(x, context=None):
+        return model.penalties(x, context, names=("kinetic",))["kinetic"]
 
-        shapes = [(None, *model.event_shape)]
-        if model.conditional:
-            shapes.append((None, model.blocks[0].context_dim))
-        fns[key] = backend.inference_function(model, fn, shapes)
-    return fns[key]
+    return _compiled(model, ("kinetic", *((b.trace, b.train_solver) for b in model.blocks)), fn)
 
 
 def kinetic_batches(model, x, batch_size=500, context=None):
